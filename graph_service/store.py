@@ -1,0 +1,231 @@
+"""The preference store: SQLite (embedded default) or PostgreSQL through one SQLModel schema.
+
+Writes are idempotent batches (INSERT ... ON CONFLICT DO NOTHING on content-hash keys), one
+transaction each, so an interrupted ingest re-run completes with nothing lost and nothing doubled.
+Reads export the bipartite graph as tensors for training (see snapshot.py).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select
+
+from graph_service.records import PreferenceRecord, content_hash
+from graph_service.schema import Preference, Prompt, Response, User
+from graph_service.snapshot import GraphSnapshot
+
+DEFAULT_BATCH_SIZE = 10_000
+_PREFERENCE_COLUMNS = ("id", "user_id", "prompt_id", "chosen_id", "rejected_id", "controversial", "created_at")
+
+
+@dataclass
+class IngestResult:
+    inserted: int = 0
+    duplicates: int = 0
+
+    def __iadd__(self, other: "IngestResult") -> "IngestResult":
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        return self
+
+
+def preference_id(user_id: str, prompt_id: str, chosen_id: str, rejected_id: str) -> str:
+    return hashlib.sha256("\x1f".join((user_id, prompt_id, chosen_id, rejected_id)).encode()).hexdigest()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _sqlite_time(ts: datetime) -> str:
+    # SQLAlchemy's SQLite DateTime text format, so ORM reads and range filters see the same values.
+    return ts.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def _write_sqlite(cursor, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
+    """executemany of INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
+    if "created_at" in columns:
+        at = columns.index("created_at")
+        rows = [row[:at] + (_sqlite_time(row[at]),) + row[at + 1:] for row in rows]
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" * len(columns))
+    cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
+    return cursor.rowcount
+
+
+def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
+    """COPY into a temporary table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING.
+
+    COPY is PostgreSQL's fast bulk path; the final INSERT's rowcount is the exact number inserted.
+    """
+    names = ", ".join(f'"{c}"' for c in columns)
+    staging = f"_ingest_{table}"
+    cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {staging} "
+                   f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+    with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+    cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} ON CONFLICT DO NOTHING")
+    return cursor.rowcount
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # psycopg 3, not psycopg2
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name != "postgresql":
+        raise ValueError(f"unsupported database '{engine.dialect.name}': use SQLite or PostgreSQL")
+    return engine
+
+
+class PreferenceStore:
+    def __init__(self, url: str, migrate: bool = True):
+        self.url = url
+        self.engine = make_engine(url)
+        if migrate:
+            self.migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "PreferenceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------------
+    def _alembic_config(self, connection) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(files("graph_service") / "migrations"))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade the schema (a no-op when it is current)."""
+        with self.engine.connect() as conn:
+            command.upgrade(self._alembic_config(conn), revision)
+            conn.commit()
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # -- writes ---------------------------------------------------------------------------------
+    def add(self, records: Sequence[PreferenceRecord], batch_size: int = DEFAULT_BATCH_SIZE) -> IngestResult:
+        """Store records in batches of one transaction each; returns inserted / duplicate counts."""
+        total = IngestResult()
+        now = utcnow()
+        for start in range(0, len(records), batch_size):
+            total += self.add_batch(records[start:start + batch_size], now)
+        return total
+
+    def add_batch(self, batch: Sequence[PreferenceRecord], now: datetime | None = None) -> IngestResult:
+        """Store one batch in one transaction; records without created_at get `now`."""
+        now = now or utcnow()
+        hashes: dict[str, str] = {}  # texts repeat heavily within a batch (shared responses)
+
+        def hash_of(text: str) -> str:
+            h = hashes.get(text)
+            if h is None:
+                h = hashes[text] = content_hash(text)
+            return h
+
+        users: dict[str, tuple] = {}
+        prompts: dict[str, str] = {}
+        responses: dict[str, str] = {}
+        prefs: dict[str, tuple] = {}
+        for r in batch:
+            ts = r.created_at or now
+            p, c, j = hash_of(r.prompt), hash_of(r.chosen), hash_of(r.rejected)
+            prompts[p] = r.prompt
+            responses[c] = r.chosen
+            responses[j] = r.rejected
+            u = users.get(r.user_id)
+            if u is None or ts < u[2]:
+                users[r.user_id] = (r.user_id, r.group if u is None else u[1], ts)
+            pid = preference_id(r.user_id, p, c, j)
+            prefs[pid] = (pid, r.user_id, p, c, j, r.controversial, ts)
+        tables = (
+            ("users", ("id", "group", "created_at"), list(users.values())),
+            ("prompts", ("id", "text"), list(prompts.items())),
+            ("responses", ("id", "text"), list(responses.items())),
+            ("preferences", _PREFERENCE_COLUMNS, list(prefs.values())),
+        )
+        with self.engine.begin() as conn:
+            cursor = conn.connection.cursor()
+            write = _write_postgres if self.engine.dialect.name == "postgresql" else _write_sqlite
+            inserted = [write(cursor, *table) for table in tables][-1]
+        return IngestResult(inserted=inserted, duplicates=len(batch) - inserted)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                name: conn.execute(select(func.count()).select_from(table.__table__)).scalar_one()
+                for name, table in (("users", User), ("prompts", Prompt),
+                                    ("responses", Response), ("preferences", Preference))
+            }
+
+    def snapshot(self, until: datetime | None = None) -> GraphSnapshot:
+        """The bipartite graph of preferences created up to `until` (all when None).
+
+        Indices are the sorted ids, so the same data gives the same snapshot on any database.
+        """
+        until = (until or utcnow()).astimezone(timezone.utc)
+        t = Preference.__table__
+        query = select(t.c.user_id, t.c.chosen_id, t.c.rejected_id).where(t.c.created_at <= until).order_by(t.c.id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                raise ValueError("the store holds no preferences up to the snapshot time")
+            columns = np.array(rows, dtype=object).T  # (3, P)
+            user_ids, user_idx = np.unique(columns[0].astype(str), return_inverse=True)
+            response_ids, resp_idx = np.unique(columns[1:].astype(str).ravel(), return_inverse=True)
+            groups = dict(conn.execute(select(User.__table__.c.id, User.__table__.c.group)
+                                       .where(User.__table__.c.created_at <= until)).all())
+        resp_idx = resp_idx.reshape(2, -1)
+        triples = torch.from_numpy(np.stack([user_idx, resp_idx[0], resp_idx[1]], axis=1).astype(np.int64))
+        user_list = user_ids.tolist()
+        labels = [groups.get(u) for u in user_list]
+        return GraphSnapshot(user_ids=user_list, response_ids=response_ids.tolist(), triples=triples,
+                             user_groups=labels if any(g is not None for g in labels) else [],
+                             snapshot_time=until)
+
+    def pairs_of(self, user_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """(chosen_id, rejected_id) pairs of each given user, in a stable order."""
+        t = Preference.__table__
+        out: dict[str, list[tuple[str, str]]] = {u: [] for u in user_ids}
+        with self.engine.connect() as conn:
+            for start in range(0, len(user_ids), 1000):  # bounded IN lists
+                chunk = list(user_ids[start:start + 1000])
+                for u, c, r in conn.execute(select(t.c.user_id, t.c.chosen_id, t.c.rejected_id)
+                                            .where(t.c.user_id.in_(chunk)).order_by(t.c.id)):
+                    out[u].append((c, r))
+        return out
