@@ -144,6 +144,16 @@ def demo(
                 "(training, serving and scoring join this path as they land)", fg=typer.colors.GREEN)
 
 
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="target revision ('base' drops every table)")],
+                 db: DbOption = None):
+    """Downgrade the schema to REVISION."""
+    store = _store(db, migrate=False)
+    store.downgrade(revision)
+    typer.echo(f"schema at revision {store.schema_revision()}")
+    store.close()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="copl")
 

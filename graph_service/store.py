@@ -132,6 +132,11 @@ class PreferenceStore:
             command.upgrade(self._alembic_config(conn), revision)
             conn.commit()
 
+    def downgrade(self, revision: str) -> None:
+        with self.engine.connect() as conn:
+            command.downgrade(self._alembic_config(conn), revision)
+            conn.commit()
+
     def schema_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
         with self.engine.connect() as conn:

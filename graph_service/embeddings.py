@@ -1,0 +1,176 @@
+"""The trained GNN artefact: embedding tables, index maps, weights, and their on-disk form.
+
+A checkpoint directory holds
+  weights.safetensors  the SignedGCN state dict (layer weights and layer-0 ID embeddings)
+  tables.safetensors   user_embeddings (U, d) L2-normalized, response_embeddings (R, d),
+                       positive_indptr (R+1,) / positive_users (E+,): response -> users who chose it (CSR),
+                       user_ids_utf8 / response_ids_utf8: the index maps, newline-joined UTF-8 bytes
+  manifest.json        format, settings, shapes and dtypes, data snapshot time, metrics, sha256 per file
+load() verifies every checksum and shape before it returns, and raises ValueError on any mismatch.
+
+The population default embedding (for a user with no usable neighbour) is the L2-normalized mean of
+the trained user embeddings: the direction shared by the population, on the same unit sphere the
+reward model's gate was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+FORMAT = "copl-gnn-checkpoint/1"
+WEIGHTS_FILE, TABLES_FILE, MANIFEST_FILE = "weights.safetensors", "tables.safetensors", "manifest.json"
+
+
+@dataclass
+class GNNCheckpoint:
+    settings: dict                          # GNNTrainConfig as plain JSON data
+    model_state: dict[str, torch.Tensor]    # SignedGCN.state_dict()
+    user_embeddings: torch.Tensor           # (U, d) float, L2-normalized
+    response_embeddings: torch.Tensor       # (R, d) float
+    user_ids: list[str]                     # index -> user_id
+    response_ids: list[str]                 # index -> response content hash
+    positive_indptr: torch.Tensor           # (R+1,) int64: users who chose response r are
+    positive_users: torch.Tensor            # (E+,) int64    positive_users[indptr[r]:indptr[r+1]]
+    snapshot_time: datetime | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        u, r = self.user_embeddings, self.response_embeddings
+        if u.dim() != 2 or r.dim() != 2 or u.shape[1] != r.shape[1]:
+            raise ValueError(f"embedding tables must be (U, d) and (R, d), got {tuple(u.shape)}, {tuple(r.shape)}")
+        if u.shape[0] != len(self.user_ids) or r.shape[0] != len(self.response_ids):
+            raise ValueError("embedding tables and index maps disagree on the number of users or responses")
+        if self.positive_indptr.shape != (r.shape[0] + 1,) or \
+                int(self.positive_indptr[-1]) != self.positive_users.numel():
+            raise ValueError("positive_indptr must be (R+1,) and end at len(positive_users)")
+
+    @property
+    def dim(self) -> int:
+        return self.user_embeddings.shape[1]
+
+    @property
+    def num_users(self) -> int:
+        return self.user_embeddings.shape[0]
+
+    @property
+    def num_responses(self) -> int:
+        return self.response_embeddings.shape[0]
+
+    @cached_property
+    def default_embedding(self) -> torch.Tensor:
+        """(d,) L2-normalized mean of the trained user embeddings."""
+        return F.normalize(self.user_embeddings.mean(dim=0), dim=0)
+
+    @cached_property
+    def _user_index(self) -> dict[str, int]:
+        return dict(zip(self.user_ids, range(len(self.user_ids))))
+
+    @cached_property
+    def _response_index(self) -> dict[str, int]:
+        return dict(zip(self.response_ids, range(len(self.response_ids))))
+
+    def user_indices(self, user_ids: list[str]) -> torch.Tensor:
+        """(n,) int64 indices; -1 for a user the GNN was not trained on."""
+        get = self._user_index.get
+        return torch.tensor([get(i, -1) for i in user_ids], dtype=torch.int64)
+
+    def response_indices(self, response_ids: list[str]) -> torch.Tensor:
+        """(n,) int64 indices; -1 for a response (content hash) that is not in the trained graph."""
+        get = self._response_index.get
+        return torch.tensor([get(i, -1) for i in response_ids], dtype=torch.int64)
+
+    def score(self, user_idx: torch.Tensor, response_idx: torch.Tensor) -> torch.Tensor:
+        """s(u, r) = <user_u, response_r> elementwise over broadcast index tensors."""
+        return (self.user_embeddings[user_idx] * self.response_embeddings[response_idx]).sum(dim=-1)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tables = {
+            "user_embeddings": self.user_embeddings, "response_embeddings": self.response_embeddings,
+            "positive_indptr": self.positive_indptr, "positive_users": self.positive_users,
+            "user_ids_utf8": _encode_ids(self.user_ids), "response_ids_utf8": _encode_ids(self.response_ids),
+        }
+        weights = {k: v.detach() for k, v in self.model_state.items()}
+        files = {WEIGHTS_FILE: weights, TABLES_FILE: tables}
+        manifest = {
+            "format": FORMAT, "dim": self.dim, "num_users": self.num_users, "num_responses": self.num_responses,
+            "snapshot_time": self.snapshot_time.isoformat() if self.snapshot_time else None,
+            "settings": self.settings, "metrics": self.metrics, "files": {},
+        }
+        for name, tensors in files.items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            save_file(tensors, directory / name)
+            manifest["files"][name] = {
+                "sha256": _sha256(directory / name),
+                "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                            for k, v in tensors.items()},
+            }
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> GNNCheckpoint:
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ValueError(f"{directory} has no {MANIFEST_FILE}")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        loaded = {}
+        for name in (WEIGHTS_FILE, TABLES_FILE):
+            entry = manifest["files"].get(name)
+            if entry is None or not (directory / name).is_file():
+                raise ValueError(f"{directory}: {name} missing from the manifest or the directory")
+            if _sha256(directory / name) != entry["sha256"]:
+                raise ValueError(f"{directory / name}: sha256 does not match the manifest")
+            tensors = load_file(directory / name, device=str(device))
+            expected = {k: (v["shape"], v["dtype"]) for k, v in entry["tensors"].items()}
+            actual = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
+            if actual != expected:
+                raise ValueError(f"{directory / name}: tensors do not match the manifest's shapes and dtypes")
+            loaded[name] = tensors
+        tables = loaded[TABLES_FILE]
+        snapshot_time = manifest["snapshot_time"]
+        checkpoint = cls(
+            settings=manifest["settings"], model_state=loaded[WEIGHTS_FILE],
+            user_embeddings=tables["user_embeddings"], response_embeddings=tables["response_embeddings"],
+            user_ids=_decode_ids(tables["user_ids_utf8"]), response_ids=_decode_ids(tables["response_ids_utf8"]),
+            positive_indptr=tables["positive_indptr"], positive_users=tables["positive_users"],
+            snapshot_time=datetime.fromisoformat(snapshot_time) if snapshot_time else None,
+            metrics=manifest["metrics"])
+        if (checkpoint.dim, checkpoint.num_users, checkpoint.num_responses) != \
+                (manifest["dim"], manifest["num_users"], manifest["num_responses"]):
+            raise ValueError(f"{directory}: tables disagree with the manifest's dim / user / response counts")
+        return checkpoint
+
+
+def _encode_ids(ids: list[str]) -> torch.Tensor:
+    """Index map as newline-joined UTF-8 bytes: one tensor, decoded by one split on load."""
+    joined = "\n".join(ids)
+    if "" in ids or (len(ids) and joined.count("\n") != len(ids) - 1):
+        raise ValueError("ids must be non-empty and must not contain a newline")
+    return torch.from_numpy(np.frombuffer(joined.encode("utf-8"), dtype=np.uint8).copy())
+
+
+def _decode_ids(data: torch.Tensor) -> list[str]:
+    text = data.numpy().tobytes().decode("utf-8")
+    return text.split("\n") if text else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,59 @@
+"""Shared fixtures: real SQLite files and real PostgreSQL databases (one fresh database per test)."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PG_ADMIN = os.environ.get("COPL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture
+def postgres_url():
+    """A new, empty PostgreSQL database, dropped afterwards. The server is part of this machine
+    kind and of CI, so an unreachable server fails the test rather than skipping it."""
+    import psycopg
+    name = f"copl_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request) -> str:
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+def make_records(n: int, users: int = 50, offset: int = 0):
+    """Records offset..offset+n-1, all distinct; record i is the same whatever offset/n (overlaps are
+    exact). Prompt i // users is labelled by `users` users from a pool of 4 shared responses."""
+    out = []
+    for i in range(offset, offset + n):
+        p = i // users
+        a = i % 4
+        b = (a + 1 + (i // 4) % 3) % 4
+        out.append({"user_id": f"u{i % users:05d}", "prompt": f"prompt {p}: say something",
+                    "chosen": f"response {p}-{a}", "rejected": f"response {p}-{b}",
+                    "group": f"type{i % users % 4}", "note": i})
+    return out
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
