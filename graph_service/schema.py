@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime
+from sqlalchemy import DateTime, Text
 from sqlmodel import Field, SQLModel
 
 HASH_LEN = 64  # sha256 hex
@@ -26,17 +26,18 @@ class User(SQLModel, table=True):
 class Prompt(SQLModel, table=True):
     __tablename__ = "prompts"
     id: str = Field(primary_key=True, max_length=HASH_LEN)
-    text: str
+    text: str = Field(sa_type=Text)
 
 
 class Response(SQLModel, table=True):
     __tablename__ = "responses"
     id: str = Field(primary_key=True, max_length=HASH_LEN)
-    text: str
+    text: str = Field(sa_type=Text)
 
 
 class Preference(SQLModel, table=True):
     __tablename__ = "preferences"
+    __table_args__ = {"sqlite_with_rowid": False}
     # sha256 of (user_id, prompt id, chosen id, rejected id): the record's identity.
     id: str = Field(primary_key=True, max_length=HASH_LEN)
     user_id: str = Field(foreign_key="users.id", index=True, max_length=128)
@@ -44,4 +45,4 @@ class Preference(SQLModel, table=True):
     chosen_id: str = Field(foreign_key="responses.id", max_length=HASH_LEN)
     rejected_id: str = Field(foreign_key="responses.id", max_length=HASH_LEN)
     controversial: bool | None = None
-    created_at: datetime = Field(sa_type=DateTime(timezone=True), index=True)
+    created_at: datetime = Field(sa_type=DateTime(timezone=True))

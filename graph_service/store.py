@@ -12,16 +12,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, func, select
 
 from graph_service.records import PreferenceRecord, content_hash
 from graph_service.schema import Preference, Prompt, Response, User
-from graph_service.snapshot import GraphSnapshot
+
+if TYPE_CHECKING:
+    from graph_service.snapshot import GraphSnapshot
 
 DEFAULT_BATCH_SIZE = 10_000
 _PREFERENCE_COLUMNS = ("id", "user_id", "prompt_id", "chosen_id", "rejected_id", "controversial", "created_at")
@@ -55,7 +57,9 @@ def _write_sqlite(cursor, table: str, columns: tuple[str, ...], rows: list[tuple
     """executemany of INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
     if "created_at" in columns:
         at = columns.index("created_at")
-        rows = [row[:at] + (_sqlite_time(row[at]),) + row[at + 1:] for row in rows]
+        texts: dict[datetime, str] = {}  # most rows of a batch share one ingestion time
+        rows = [row[:at] + (texts.get(row[at]) or texts.setdefault(row[at], _sqlite_time(row[at])),) + row[at + 1:]
+                for row in rows]
     names = ", ".join(f'"{c}"' for c in columns)
     marks = ", ".join("?" * len(columns))
     cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
@@ -198,11 +202,15 @@ class PreferenceStore:
                                     ("responses", Response), ("preferences", Preference))
             }
 
-    def snapshot(self, until: datetime | None = None) -> GraphSnapshot:
+    def snapshot(self, until: datetime | None = None) -> "GraphSnapshot":
         """The bipartite graph of preferences created up to `until` (all when None).
 
         Indices are the sorted ids, so the same data gives the same snapshot on any database.
         """
+        import torch  # here, not at module level: ingest and stats should not pay for importing torch
+
+        from graph_service.snapshot import GraphSnapshot
+
         until = (until or utcnow()).astimezone(timezone.utc)
         t = Preference.__table__
         query = select(t.c.user_id, t.c.chosen_id, t.c.rejected_id).where(t.c.created_at <= until).order_by(t.c.id)

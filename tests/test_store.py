@@ -128,3 +128,13 @@ def test_empty_snapshot_is_an_error(sqlite_url):
     with PreferenceStore(sqlite_url) as store:
         with pytest.raises(ValueError, match="no preferences"):
             store.snapshot(datetime.now(timezone.utc) - timedelta(days=1))
+
+
+def test_migrations_match_the_models(store_url):
+    """The SQLModel classes and the Alembic migrations describe the same schema."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlmodel import SQLModel
+    with PreferenceStore(store_url) as store, store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
