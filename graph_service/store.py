@@ -207,29 +207,47 @@ class PreferenceStore:
 
         Indices are the sorted ids, so the same data gives the same snapshot on any database.
         """
+        return self._snapshot(until, with_texts=False)[0]
+
+    def snapshot_with_texts(self, until: datetime | None = None) -> tuple["GraphSnapshot", list[tuple[str, str, str]]]:
+        """The snapshot plus (prompt, chosen, rejected) texts, row for row with `snapshot.triples`,
+        from one query (the reward model trains on exactly the pairs the GNN saw)."""
+        return self._snapshot(until, with_texts=True)
+
+    def _snapshot(self, until: datetime | None, with_texts: bool):
         import torch  # here, not at module level: ingest and stats should not pay for importing torch
 
         from graph_service.snapshot import GraphSnapshot
 
         until = (until or utcnow()).astimezone(timezone.utc)
         t = Preference.__table__
-        query = select(t.c.user_id, t.c.chosen_id, t.c.rejected_id).where(t.c.created_at <= until).order_by(t.c.id)
+        columns = [t.c.user_id, t.c.chosen_id, t.c.rejected_id]
+        query = select(*columns)
+        if with_texts:
+            chosen, rejected = Response.__table__.alias("chosen"), Response.__table__.alias("rejected")
+            prompt = Prompt.__table__
+            query = (select(*columns, prompt.c.text, chosen.c.text, rejected.c.text)
+                     .join(prompt, prompt.c.id == t.c.prompt_id)
+                     .join(chosen, chosen.c.id == t.c.chosen_id)
+                     .join(rejected, rejected.c.id == t.c.rejected_id))
+        query = query.where(t.c.created_at <= until).order_by(t.c.id)
+        users = User.__table__
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
             if not rows:
                 raise ValueError("the store holds no preferences up to the snapshot time")
-            columns = np.array(rows, dtype=object).T  # (3, P)
-            user_ids, user_idx = np.unique(columns[0].astype(str), return_inverse=True)
-            response_ids, resp_idx = np.unique(columns[1:].astype(str).ravel(), return_inverse=True)
-            groups = dict(conn.execute(select(User.__table__.c.id, User.__table__.c.group)
-                                       .where(User.__table__.c.created_at <= until)).all())
+            groups = dict(conn.execute(select(users.c.id, users.c.group).where(users.c.created_at <= until)).all())
+        ids = np.array([row[:3] for row in rows], dtype=object).T  # (3, P)
+        user_ids, user_idx = np.unique(ids[0].astype(str), return_inverse=True)
+        response_ids, resp_idx = np.unique(ids[1:].astype(str).ravel(), return_inverse=True)
         resp_idx = resp_idx.reshape(2, -1)
         triples = torch.from_numpy(np.stack([user_idx, resp_idx[0], resp_idx[1]], axis=1).astype(np.int64))
         user_list = user_ids.tolist()
         labels = [groups.get(u) for u in user_list]
-        return GraphSnapshot(user_ids=user_list, response_ids=response_ids.tolist(), triples=triples,
-                             user_groups=labels if any(g is not None for g in labels) else [],
-                             snapshot_time=until)
+        snapshot = GraphSnapshot(user_ids=user_list, response_ids=response_ids.tolist(), triples=triples,
+                                 user_groups=labels if any(g is not None for g in labels) else [],
+                                 snapshot_time=until)
+        return snapshot, ([tuple(row[3:]) for row in rows] if with_texts else None)
 
     def pairs_of(self, user_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
         """(chosen_id, rejected_id) pairs of each given user, in a stable order."""

@@ -111,6 +111,12 @@ def test_snapshot_tensors_and_cutoff(store_url, tmp_path):
     expect = {(r["user_id"], content_hash(r["chosen"]), content_hash(r["rejected"])) for r in early + late}
     got = {(full.user_ids[u], full.response_ids[c], full.response_ids[j]) for u, c, j in full.triples.tolist()}
     assert got == expect
+    with PreferenceStore(store_url) as store:
+        same, texts = store.snapshot_with_texts()
+    assert torch.equal(same.triples, full.triples)
+    by_key = {(r["user_id"], content_hash(r["chosen"])): (r["prompt"], r["chosen"], r["rejected"]) for r in early + late}
+    for (u, c, _), text in zip(full.triples.tolist(), texts):
+        assert by_key[(full.user_ids[u], full.response_ids[c])] == text
     pos = full.positive_edges()
     assert pos.shape[0] == 2 and torch.equal(pos, torch.unique(full.triples[:, [0, 1]], dim=0).T)
 
