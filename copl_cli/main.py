@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -107,6 +108,129 @@ def db_upgrade(db: DbOption = None,
     store.migrate(revision)
     typer.echo(f"schema at revision {store.schema_revision()}")
     store.close()
+
+
+RegistryOption = Annotated[Optional[Path], typer.Option("--registry", help="release registry [env COPL_REGISTRY; default: COPL_HOME/registry]")]
+
+
+def _registry(path: Path | None):
+    from copl_common.registry import Registry
+    from copl_common.settings import default_registry
+    return Registry(path or default_registry())
+
+
+def _release(registry, release_id: str | None):
+    from copl_common.registry import RegistryError
+    try:
+        release = registry.get(release_id) if release_id else registry.current()
+    except RegistryError as exc:
+        _fail(str(exc))
+    if release is None:
+        _fail(f"no current release in {registry.root}: run `copl train` first")
+    return release
+
+
+@app.command()
+def train(
+    db: DbOption = None,
+    registry: RegistryOption = None,
+    profile: Annotated[str, typer.Option(help="tiny (tests) | small (CPU accuracy runs) | paper (reference sizes, GPU)")] = "small",
+    until: Annotated[Optional[datetime], typer.Option(help="train on preferences stored up to this time (UTC)")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="train the non-personalized baseline (one LoRA, no user input)")] = False,
+    device: Annotated[Optional[str], typer.Option(help="reward-model device: auto | cpu | cuda (default: auto)")] = None,
+    no_switch: Annotated[bool, typer.Option("--no-switch", help="publish without making the release current")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+):
+    """Retrain the GNN and the reward model, publish them as one release, print its id."""
+    from copl_common.settings import default_db_url
+    from trainer.pipeline import TrainRequest, train_release
+    from trainer.profiles import PROFILE_NAMES
+    if profile not in PROFILE_NAMES:
+        _fail(f"unknown profile {profile!r}: choose one of {', '.join(PROFILE_NAMES)}")
+    reg = _registry(registry)
+    request = TrainRequest(db_url=db or default_db_url(), registry=reg.root, profile=profile,
+                           until=until.replace(tzinfo=timezone.utc) if until and until.tzinfo is None else until,
+                           personalized=not baseline, device=device, make_current=not no_switch, progress=progress)
+    try:
+        release = train_release(request)
+    except ValueError as exc:  # empty store, bad settings
+        _fail(str(exc))
+    metrics = release.manifest["metrics"]
+    typer.echo(f"gnn val accuracy {metrics['gnn']['val_accuracy']}, reward val accuracy "
+               f"{metrics['reward'].get('best_val_accuracy')}, {metrics['seconds']:.0f}s", err=True)
+    typer.echo(release.id)
+
+
+@app.command("eval")
+def evaluate(
+    test_file: Annotated[Path, typer.Argument(help="JSONL test pairs (e.g. DATASET/test.jsonl)")],
+    db: DbOption = None,
+    registry: RegistryOption = None,
+    release: Annotated[Optional[str], typer.Option(help="release id (default: the current one)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="pairs per forward pass")] = 64,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+):
+    """Score held-out pairs in-process with a release; print accuracy overall, seen/unseen, by group."""
+    from graph_service.ingest import InvalidInput, read_valid_records
+    from trainer.evaluate import evaluate_release
+    rel = _release(_registry(registry), release)
+    try:
+        records = read_valid_records([test_file])
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except InvalidInput as exc:
+        for error in exc.errors[:20]:
+            typer.echo(str(error), err=True)
+        _fail(f"{len(exc.errors)} invalid line(s) in {test_file}")
+    store = _store(db)
+    try:
+        metrics = evaluate_release(rel, records, store, batch_size=batch_size, device=device, progress=progress)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    typer.echo(f"release {metrics['release']}: {metrics['n_pairs']} pairs, accuracy {metrics['accuracy']:.4f}")
+    for name in ("seen", "unseen"):
+        part = metrics[name]
+        if part["n_pairs"]:
+            typer.echo(f"  {name:8s} {part['n_pairs']:>7d} pairs  accuracy {part['accuracy']:.4f}")
+    for group, part in metrics["by_group"].items():
+        typer.echo(f"  group {group:24s} {part['n_pairs']:>7d} pairs  accuracy {part['accuracy']:.4f}")
+
+
+releases_app = typer.Typer(help="Published releases (GNN + reward model).", no_args_is_help=True)
+app.add_typer(releases_app, name="releases")
+
+
+@releases_app.command("list")
+def releases_list(registry: RegistryOption = None,
+                  as_json: Annotated[bool, typer.Option("--json", help="print one JSON object a line")] = False):
+    """Every release, oldest first; the current one is marked."""
+    reg = _registry(registry)
+    current = reg.current_id()
+    for rel in reg.list():
+        m = rel.manifest
+        row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at, "profile": m.get("profile"),
+               "users": m.get("data", {}).get("users"),
+               "reward_val_accuracy": m.get("metrics", {}).get("reward", {}).get("best_val_accuracy")}
+        typer.echo(json.dumps(row) if as_json else
+                   f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  profile={row['profile']}  "
+                   f"users={row['users']}  val_acc={row['reward_val_accuracy']}")
+
+
+@releases_app.command("rollback")
+def releases_rollback(release_id: Annotated[str, typer.Argument(help="the release to make current")],
+                      registry: RegistryOption = None):
+    """Point CURRENT at another (older) release."""
+    from copl_common.registry import RegistryError
+    try:
+        _registry(registry).set_current(release_id)
+    except RegistryError as exc:
+        _fail(str(exc))
+    typer.echo(release_id)
 
 
 @app.command()

@@ -44,6 +44,24 @@ def validate_files(paths: Sequence[str | Path]) -> tuple[int, list[RecordError]]
     return valid, errors
 
 
+def read_valid_records(paths: Sequence[str | Path]) -> list[PreferenceRecord]:
+    """All records of small files (test sets) in memory; InvalidInput if any line is bad."""
+    _check_exist(paths)
+    records, errors = [], []
+    for path in paths:
+        for item in iter_jsonl(path):
+            (errors if isinstance(item, RecordError) else records).append(item)
+    if errors:
+        raise InvalidInput(errors)
+    return records
+
+
+def _check_exist(paths: Sequence[str | Path]) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+
+
 def _batches(paths: Sequence[str | Path], size: int) -> Iterator[list[PreferenceRecord]]:
     batch: list[PreferenceRecord] = []
     for path in paths:
@@ -59,9 +77,7 @@ def _batches(paths: Sequence[str | Path], size: int) -> Iterator[list[Preference
 
 def ingest_files(store: PreferenceStore, paths: Sequence[str | Path], skip_invalid: bool = False,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> IngestReport:
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no such file: {path}")
+    _check_exist(paths)
     valid, errors = validate_files(paths)
     if errors and not skip_invalid:
         raise InvalidInput(errors)

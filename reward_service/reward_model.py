@@ -1,0 +1,199 @@
+"""The CoPL reward model: frozen backbone + MoLE adapters + pooling + scalar head.
+
+Inputs are (prompt, response) texts. Encoders read them as a tokenizer text pair and pool by the mean
+over non-pad tokens (how all-MiniLM-L6-v2 was trained to pool). Decoders read `prompt + "\\n\\n" +
+response`, truncated from the left so the response end survives, and pool the last non-pad token
+(found from the attention mask, so left and right padding both work).
+
+Saved form: `weights.safetensors` (adapters, gates, head; the backbone is named, not copied) and
+`manifest.json` (backbone, settings, sha256 of every file, caller extras such as the GNN checkpoint
+whose embedding space the gates were trained on). Load verifies the checksums before reading weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from reward_service.backbone import DEFAULT_BACKBONE, is_causal_backbone, load_backbone, resolve_device_dtype
+from reward_service.mole import MoLEConfig, MoLELinear, inject_mole, route
+
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+FORMAT = "copl-mole-reward-model/1"
+DECODER_SEPARATOR = "\n\n"
+
+
+@dataclass
+class RewardModelConfig:
+    backbone: str = DEFAULT_BACKBONE  # HF path or cached hub name; the default is the bundled MiniLM
+    pooling: str = "auto"  # auto | mean | last; auto: last token for causal backbones, mean for encoders
+    max_length: int = 256  # tokens of prompt + response; longer inputs are truncated
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # backbone dtype; auto: bf16 on cuda, fp32 on cpu (adapters and head stay fp32)
+    seed: int = 0  # adapter, gate and head initialization
+    mole: MoLEConfig = field(default_factory=MoLEConfig)
+
+    def __post_init__(self):
+        if isinstance(self.mole, dict):  # from a manifest
+            self.mole = MoLEConfig(**self.mole)
+        if self.pooling not in ("auto", "mean", "last"):
+            raise ValueError(f"pooling must be auto, mean or last, got {self.pooling!r}")
+        if self.max_length < 2:
+            raise ValueError("max_length must be >= 2")
+
+
+class RewardModel(nn.Module):
+    def __init__(self, cfg: RewardModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+        self.backbone, self.tokenizer = load_backbone(cfg.backbone, self.device, self.dtype)
+        self.is_decoder = is_causal_backbone(self.backbone)
+        self.pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if self.is_decoder else "mean")
+        if self.is_decoder:
+            self.tokenizer.truncation_side = "left"
+            if self.tokenizer.pad_token is None:
+                if self.tokenizer.eos_token is None:
+                    raise ValueError(f"backbone {cfg.backbone!r} tokenizer has neither a pad nor an eos token")
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            self.mole_layers = inject_mole(self.backbone, cfg.mole)
+            self.head = nn.Linear(self.backbone.config.hidden_size, 1, device=self.device)
+        self.eval()  # new modules default to training mode (gate noise, dropout); training opts in with .train()
+
+    @property
+    def personalized(self) -> bool:
+        return self.cfg.mole.personalized
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def tokenize(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """Padded model inputs on the model's device for (prompt, response) pairs."""
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError(f"need equal, non-zero numbers of prompts and responses, got {len(prompts)}, {len(responses)}")
+        if self.is_decoder:
+            texts = [p + DECODER_SEPARATOR + r for p, r in zip(prompts, responses)]
+            enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length, padding=True,
+                                 return_tensors="pt", return_token_type_ids=False)
+        else:
+            enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.cfg.max_length,
+                                 padding=True, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids and mask, (B, d_user) user embeddings -> (B,) fp32 rewards."""
+        if user_emb is not None and (user_emb.dim() != 2 or user_emb.shape != (input_ids.shape[0], self.cfg.mole.user_dim)):
+            raise ValueError(f"user_emb must be ({input_ids.shape[0]}, {self.cfg.mole.user_dim}), got {tuple(user_emb.shape)}")
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        with route(self.mole_layers, None if user_emb is None else user_emb.to(self.device)):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        hidden = hidden.float()  # (B, T, d)
+        mask = attention_mask.to(hidden.dtype)  # (B, T)
+        if self.pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)  # (B, d)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+            last = (mask * positions).argmax(dim=1)  # (B,) index of the last real token, either padding side
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, d)
+        return self.head(pooled).squeeze(-1)  # (B,)
+
+    @torch.inference_mode()
+    def score(self, prompt: str, responses: list[str], user_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (N,) of N responses to one prompt for one user (`user_emb` (d_user,), None for the baseline)."""
+        if not responses:
+            raise ValueError("responses must not be empty")
+        if user_emb is not None:
+            if user_emb.dim() != 1:
+                raise ValueError(f"user_emb must be 1-D (d_user,), got shape {tuple(user_emb.shape)}")
+            user_emb = user_emb.expand(len(responses), -1)  # (N, d_user)
+        enc = self.tokenize([prompt] * len(responses), list(responses))
+        return self(**enc, user_emb=user_emb).cpu()
+
+    def merge_shared(self) -> None:
+        """Fold every shared LoRA into its frozen weight: a faster scorer, identical scores up to rounding."""
+        for layer in self.mole_layers.values():
+            layer.merge()
+
+    def unmerge_shared(self) -> None:
+        for layer in self.mole_layers.values():
+            layer.unmerge()
+
+    def save(self, out_dir: str | os.PathLike, manifest_extra: dict[str, Any] | None = None) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().float().cpu().contiguous() for n, p in self.trainable_parameters().items()}
+        save_file(state, out / WEIGHTS_NAME)
+        manifest = {
+            "format": FORMAT,
+            "backbone": self.cfg.backbone,
+            "backbone_model_type": self.backbone.config.model_type,
+            "hidden_size": self.backbone.config.hidden_size,
+            "pooling": self.pooling,
+            "config": asdict(self.cfg),
+            "files": {WEIGHTS_NAME: _sha256(out / WEIGHTS_NAME)},
+            "extra": dict(manifest_extra or {}),
+        }
+        tmp = out / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        tmp.replace(out / MANIFEST_NAME)  # the manifest appears last, whole, so a half-written dir never validates
+        return out
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None) -> "RewardModel":
+        """Rebuild from `save` output; `device`/`dtype` override the saved settings (e.g. cuda/bf16 to serve)."""
+        d = Path(model_dir)
+        manifest = read_manifest(d)
+        cfg = RewardModelConfig(**manifest["config"])
+        cfg.device = device or cfg.device
+        cfg.dtype = dtype or cfg.dtype
+        model = cls(cfg)
+        if model.backbone.config.hidden_size != manifest["hidden_size"]:
+            raise ValueError(f"backbone {cfg.backbone!r} has hidden size {model.backbone.config.hidden_size}, "
+                             f"the saved head expects {manifest['hidden_size']}")
+        state = load_file(d / WEIGHTS_NAME)
+        expected = model.trainable_parameters()
+        if set(state) != set(expected):
+            missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, p in expected.items():
+                if p.shape != state[name].shape:
+                    raise ValueError(f"shape mismatch for {name}: saved {tuple(state[name].shape)}, model {tuple(p.shape)}")
+                p.copy_(state[name])
+        return model
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a saved reward model, after checking the format and every file's sha256."""
+    d = Path(model_dir)
+    path = d / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST_NAME} in {d}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        if not (d / name).is_file():
+            raise ValueError(f"{d / name} is missing")
+        if _sha256(d / name) != digest:
+            raise ValueError(f"checksum mismatch for {d / name}")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

