@@ -41,13 +41,15 @@ def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int) -
     g = torch.Generator().manual_seed(0)
     train_rows, _ = holdout_split(snapshot.triples, snapshot.num_users, g)
     graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[train_rows])
+    device = torch.device(config.device)
     adj = SignedAdjacency.from_edges(graph.positive_edges(), graph.negative_edges(),
-                                     snapshot.num_users, snapshot.num_responses)
-    model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses)
+                                     snapshot.num_users, snapshot.num_responses, device)
+    model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device)
+    train = snapshot.triples[train_rows].to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     times = []
     for i in range(minibatches + 1):                  # the first one warms up allocators; not timed
-        u, c, r = train[torch.randint(train.shape[0], (1024,), generator=g)].T
+        u, c, r = train[torch.randint(train.shape[0], (1024,), generator=g).to(device)].T
         start = time.perf_counter()
         users, responses = model(adj)
         loss = -F.logsigmoid(pair_scores(users.index_select(0, u), responses.index_select(0, c),
@@ -55,6 +57,8 @@ def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int) -
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
@@ -79,7 +83,7 @@ def run_size(n: int, args) -> dict:
     snap = graph.snapshot
     gen_s = time.perf_counter() - t0
     edges = int(snap.positive_edges().shape[1] + snap.negative_edges().shape[1])
-    config = GNN_PROFILES[args.profile]
+    config = dataclasses.replace(GNN_PROFILES[args.profile], device=args.device)
     if n >= args.checkpoint_layers_from:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, checkpoint_layers=True))
     converge = n <= args.converge_max
@@ -158,6 +162,7 @@ def main() -> None:
     parser.add_argument("--batch-repeats", type=int, default=5, help="timed batches of 1,000 new users")
     parser.add_argument("--dense-max-gb", type=float, default=2.0, help="largest dense score matrix to time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="training device (cpu | cuda); adaptation runs on the CPU")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     sizes = [10_000] if args.quick else sorted(int(s) for s in args.sizes.split(","))

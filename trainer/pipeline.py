@@ -32,6 +32,9 @@ class TrainRequest:
     profile: str = "small"
     until: datetime | None = None          # snapshot cut-off; None: everything stored now
     personalized: bool = True              # False trains the non-personalized baseline (one LoRA)
+    num_experts: int | None = None         # ablation: override the profile's E (e.g. 1)
+    user_embeddings: str = "gnn"           # ablation: "random" replaces every trained user embedding by a random
+                                           # unit vector, so the gate sees user identity without collaborative signal
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True
     progress: bool = True
@@ -49,8 +52,13 @@ def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: 
 
 
 def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None) -> Release:
+    if request.user_embeddings not in ("gnn", "random"):
+        raise ValueError(f"user_embeddings must be 'gnn' or 'random', got {request.user_embeddings!r}")
     prof = get_profile(request.profile, device=request.device)
-    rm_model_cfg = replace(prof.reward.model, mole=replace(prof.reward.model.mole, personalized=request.personalized))
+    mole = replace(prof.reward.model.mole, personalized=request.personalized)
+    if request.num_experts is not None:
+        mole = replace(mole, num_experts=request.num_experts, top_k=min(mole.top_k, request.num_experts))
+    rm_model_cfg = replace(prof.reward.model, mole=mole)
     started = time.perf_counter()
     with PreferenceStore(request.db_url) as store:
         snapshot, texts = store.snapshot_with_texts(request.until)
@@ -58,11 +66,15 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
     with registry.stage() as staged:
         plots = staged / "plots"
         gnn = train_gnn(snapshot, prof.gnn, out_dir=plots, progress=request.progress)
-        gnn_dir = gnn.checkpoint.save(staged / "gnn")
+        checkpoint = gnn.checkpoint
+        if request.user_embeddings == "random":
+            noise = torch.randn(checkpoint.user_embeddings.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
+            checkpoint = replace(checkpoint, user_embeddings=torch.nn.functional.normalize(noise, dim=1))
+        gnn_dir = checkpoint.save(staged / "gnn")
         if report:
             report({"stage": "gnn", "val_accuracy": gnn.val_accuracy, "seconds": gnn.seconds})
 
-        users = gnn.checkpoint.user_embeddings if request.personalized else None
+        users = checkpoint.user_embeddings if request.personalized else None
         train = _examples(texts, gnn.train_rows, users, snapshot.triples)
         val = _examples(texts, gnn.val_rows, users, snapshot.triples)
         torch.manual_seed(rm_model_cfg.seed)
@@ -73,7 +85,7 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
             "gnn_checkpoint": {"path": "../gnn", "manifest_sha256": sha256_file(gnn_dir / "manifest.json")},
         })
         metrics = {
-            "gnn": {k: gnn.checkpoint.metrics.get(k) for k in ("val_accuracy", "val_loss", "best_step", "steps",
+            "gnn": {k: checkpoint.metrics.get(k) for k in ("val_accuracy", "val_loss", "best_step", "steps",
                                                                "train_seconds", "train_triples", "val_triples")},
             "reward": {k: v for k, v in rm_metrics.items() if k != "history"},
             "seconds": time.perf_counter() - started,
@@ -81,10 +93,11 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
         manifest = {
             "profile": request.profile,
             "personalized": request.personalized,
+            "ablation": {"num_experts": request.num_experts, "user_embeddings": request.user_embeddings},
             "snapshot_time": snapshot.snapshot_time.isoformat() if snapshot.snapshot_time else None,
             "data": {"users": snapshot.num_users, "responses": snapshot.num_responses,
                      "preferences": int(snapshot.triples.shape[0])},
-            "gnn": {"dir": "gnn", "dim": gnn.checkpoint.dim, "settings": asdict(prof.gnn)},
+            "gnn": {"dir": "gnn", "dim": checkpoint.dim, "settings": asdict(prof.gnn)},
             "reward": {"dir": "reward", "backbone": rm_model_cfg.backbone},
             "metrics": metrics,
         }
