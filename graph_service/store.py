@@ -88,6 +88,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
+    cur.execute("PRAGMA cache_size=-65536")      # 64 MiB: random-key index inserts thrash the 2 MiB default
     cur.close()
 
 
