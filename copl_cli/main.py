@@ -235,47 +235,54 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the demo's dataset and SQLite store go")] = Path("data/demo"),
+    workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store and registry go")] = Path("data/demo"),
     users: Annotated[int, typer.Option(min=8, help="synthetic users")] = 400,
+    profile: Annotated[str, typer.Option(help="training profile (tiny | small | paper)")] = "tiny",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ):
-    """The whole path on the embedded default: synth -> ingest -> stats, in WORKDIR."""
+    """The whole path on the embedded default, in WORKDIR: synth -> ingest -> train -> ingest the
+    users who arrive later -> eval on held-out prompts."""
     import shutil
 
-    from graph_service.ingest import ingest_files
+    from graph_service.ingest import ingest_files, read_valid_records
     from graph_service.store import PreferenceStore
-    from trainer.synth import SynthConfig, generate, write
+    from trainer.evaluate import evaluate_release
+    from trainer.pipeline import TrainRequest, train_release
+    from trainer.synth import SynthConfig, generate, majority_bound, write
 
     if workdir.exists():
         shutil.rmtree(workdir)  # a demo starts from nothing, so each run shows the same path
-    data = workdir / "dataset"
+    data, registry = workdir / "dataset", workdir / "registry"
     url = f"sqlite:///{(workdir / 'copl.db').resolve()}"
 
-    typer.secho(f"1/3 synth: uf-p-4, {users} users, seed {seed} -> {data}", bold=True)
-    counts = write(generate(SynthConfig(preset="uf-p-4", users=users, seed=seed)), data)
-    typer.echo(f"    {json.dumps(counts)}")
+    def step(text: str) -> None:
+        typer.secho(text, bold=True)
 
-    typer.secho(f"2/3 ingest: train_seen.jsonl into {url}", bold=True)
+    step(f"1/5 synth: uf-p-4, {users} users, seed {seed} -> {data}")
+    dataset = generate(SynthConfig(preset="uf-p-4", users=users, seed=seed))
+    typer.echo(f"    {json.dumps(write(dataset, data))}")
     with PreferenceStore(url) as store:
+        step(f"2/5 ingest the seen users into {url}")
         report = ingest_files(store, [data / "train_seen.jsonl"])
-        typer.echo(f"    inserted {report.inserted}, duplicates {report.duplicates}")
         again = ingest_files(store, [data / "train_seen.jsonl"], progress=False)
-        typer.echo(f"    re-ingest is idempotent: inserted {again.inserted}, duplicates {again.duplicates}")
-
-        typer.secho("3/3 stats", bold=True)
+        typer.echo(f"    inserted {report.inserted}; again: inserted {again.inserted}, duplicates {again.duplicates}")
         typer.echo(f"    {json.dumps(store.stats())}")
-    typer.secho("demo done: synth -> ingest -> stats on SQLite "
-                "(training, serving and scoring join this path as they land)", fg=typer.colors.GREEN)
 
+        step(f"3/5 train: GNN -> user embeddings -> MoLE reward model (profile {profile}) -> release")
+        release = train_release(TrainRequest(db_url=url, registry=registry, profile=profile))
+        typer.echo(f"    release {release.id} in {release.path}")
 
-@db_app.command("downgrade")
-def db_downgrade(revision: Annotated[str, typer.Argument(help="target revision ('base' drops every table)")],
-                 db: DbOption = None):
-    """Downgrade the schema to REVISION."""
-    store = _store(db, migrate=False)
-    store.downgrade(revision)
-    typer.echo(f"schema at revision {store.schema_revision()}")
-    store.close()
+        step("4/5 ingest the users who arrived after training (they get adapted embeddings, no training)")
+        ingest_files(store, [data / "train_unseen.jsonl"], progress=False)
+
+        step("5/5 eval on held-out prompts")
+        metrics = evaluate_release(release, read_valid_records([data / "test.jsonl"]), store)
+    bound = majority_bound(dataset.test)
+    typer.echo(f"    accuracy {metrics['accuracy']:.3f}: seen users {metrics['seen']['accuracy']:.3f}, "
+               f"unseen users {metrics['unseen']['accuracy']:.3f}; best non-personalized (majority bound) {bound:.3f}")
+    for group, part in metrics["by_group"].items():
+        typer.echo(f"    {group:24s} {part['accuracy']:.3f}")
+    typer.secho(f"demo done. Plots: {release.path / 'plots'}", fg=typer.colors.GREEN)
 
 
 def main() -> None:  # pragma: no cover - console entry point

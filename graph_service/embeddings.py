@@ -14,7 +14,6 @@ reward model's gate was trained on.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from copl_common.checksums import sha256_file
 
 FORMAT = "copl-gnn-checkpoint/1"
 WEIGHTS_FILE, TABLES_FILE, MANIFEST_FILE = "weights.safetensors", "tables.safetensors", "manifest.json"
@@ -111,7 +112,7 @@ class GNNCheckpoint:
             tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             save_file(tensors, directory / name)
             manifest["files"][name] = {
-                "sha256": _sha256(directory / name),
+                "sha256": sha256_file(directory / name),
                 "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                             for k, v in tensors.items()},
             }
@@ -132,7 +133,7 @@ class GNNCheckpoint:
             entry = manifest["files"].get(name)
             if entry is None or not (directory / name).is_file():
                 raise ValueError(f"{directory}: {name} missing from the manifest or the directory")
-            if _sha256(directory / name) != entry["sha256"]:
+            if sha256_file(directory / name) != entry["sha256"]:
                 raise ValueError(f"{directory / name}: sha256 does not match the manifest")
             tensors = load_file(directory / name, device=str(device))
             expected = {k: (v["shape"], v["dtype"]) for k, v in entry["tensors"].items()}
@@ -167,10 +168,3 @@ def _decode_ids(data: torch.Tensor) -> list[str]:
     text = data.numpy().tobytes().decode("utf-8")
     return text.split("\n") if text else []
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
