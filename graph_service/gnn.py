@@ -20,6 +20,7 @@ backward of A @ x is A @ grad: `_SymmetricSpMM` says so, and no transposed copy 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,10 @@ def _normalized_bipartite(edges: torch.Tensor, num_users: int, n: int, device, d
     order = torch.argsort(rows * n + cols)                                      # CSR order: by row, then column
     crow = torch.zeros(n + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-    return torch.sparse_csr_tensor(crow, cols[order], vals[order].to(dtype), (n, n)).to(device)
+    with warnings.catch_warnings():  # "CSR support is in beta": true, and noise in every training log
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        adj = torch.sparse_csr_tensor(crow, cols[order], vals[order].to(dtype), (n, n), check_invariants=False)
+    return adj.to(device)
 
 
 class _SymmetricSpMM(torch.autograd.Function):

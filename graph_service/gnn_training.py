@@ -152,12 +152,12 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, out_dir: str | Pa
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 checks_since_best += 1
-            bar.set_postfix(loss=f"{float(bpr):.4f}", val_acc=f"{acc:.4f}")
+            bar.set_postfix(loss=f"{bpr.item():.4f}", val_acc=f"{acc:.4f}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         history["step"].append(step)
-        history["train_loss"].append(float(bpr))
+        history["train_loss"].append(bpr.item())
         history["lr"].append(scheduler.get_last_lr()[0])
         scheduler.step()
         if checks_since_best >= config.patience:

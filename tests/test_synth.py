@@ -107,7 +107,9 @@ def _pairs(levels: np.ndarray, rng: np.random.Generator, limit: int) -> tuple[np
 
 
 def test_bag_of_words_learns_every_attribute_on_held_out_prompts():
-    data = generate(SynthConfig(preset="uf-p-4", users=400, seed=0))
+    # The text cues are the subject here, not graph density: 8 users a response gives the probe
+    # about 400 prompts of distinct training responses.
+    data = generate(SynthConfig(preset="uf-p-4", users=400, seed=0, users_per_response=8.0))
     train = [r for r in data.responses if not r["test_prompt"]]
     test = [r for r in data.responses if r["test_prompt"]]
     vectorizer = CountVectorizer(ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b").fit([r["text"] for r in train])

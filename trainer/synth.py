@@ -61,7 +61,7 @@ class SynthConfig:
     # users_per_response))), i.e. the prompt pool shrinks with the labels so that a response is
     # labelled by about this many users on average (counted over all pool responses; the used ones
     # get more). Well above 1 is what lets the graph link users through shared responses.
-    users_per_response: float = 8.0
+    users_per_response: float = 24.0
     min_prompts: int = 100  # floor so tiny datasets still have enough distinct (held-out) pairs per type
     prompts: int | None = None  # override of the rule above
 
