@@ -4,16 +4,23 @@ Every adapted linear layer y = W x keeps W frozen and adds one shared LoRA and E
 
     y = W x + s * B_0 A_0 x + s * sum_e g_e(u) * B_e A_e x,        s = alpha / r
 
-where g(u) is the top-k routing weight a small gate MLP reads off the user embedding u. All LoRAs of a
-layer live in two stacked tensors, slot 0 the shared one and slots 1..E the experts. A batch that mixes
-users is one pass: each sample gathers its active slots (shared + its k experts), and two batched
-matmuls (bmm) apply them: (in -> (1+k) r), scale by the routing weights, ((1+k) r -> out) added onto the
-base output. Exact top-k with no loop over samples or experts, unselected experts cost nothing, and a
-layer adds five kernels to the base linear (few kernels matter: each costs a thread sync on CPU).
+where g(u) is the top-k routing weight (E times the gate probability, see below) a small gate MLP reads
+off the user embedding u. All LoRAs of a layer live in two stacked tensors, slot 0 the shared one and
+slots 1..E the experts. A batch that mixes users is one pass: each sample gathers its active slots
+(shared + its k experts), and two batched matmuls (bmm) apply them: (in -> (1+k) r), scale by the
+routing weights, ((1+k) r -> out) added onto the base output. Exact top-k with no loop over samples or
+experts, unselected experts cost nothing, and a layer adds five kernels to the base linear (few kernels
+matter: each costs a thread sync on CPU).
 
 Routing weights follow the Switch Transformer: softmax over all E (noisy in training) logits, keep the
 top-k probabilities without renormalizing. With k=1 a renormalized weight is always 1 and the gate
-would get no gradient; the raw probability keeps the gate learning.
+would get no gradient; the raw probability keeps the gate learning. The kept probabilities are then
+multiplied by E, so that an untrained (near-uniform, p ~ 1/E) gate gives weight ~1: unscaled, every
+expert would start at 1/E of the shared LoRA's strength, and since Adam's step size ignores gradient
+scale, the experts (the only user-dependent part) would move the reward E times slower than the
+shared LoRA, which then fits the user-blind majority first.
+The weight stays proportional to the gate probability, so the paper's base + shared + g * expert
+form and the gate's gradient are unchanged up to that constant.
 
 The non-personalized baseline is the same layer with `personalized=False`: the shared LoRA only, no gate.
 """
@@ -88,14 +95,18 @@ class MoLELinear(nn.Module):
 
     def routing(self, user_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d_user) -> top-k weights (B, k) and expert indices 0..E-1 (B, k)."""
-        logits = self.gate(user_emb.float())  # (B, E)
+        # GNN embeddings are L2-normalized (coordinates ~ 1/sqrt(d)); nn.Linear's init expects ~unit-scale inputs.
+        # Unscaled, the gate's random biases swamp the user signal and at init every user type routes to the
+        # same expert (measured on uf-p-4 GNN embeddings: one expert per layer for all 4 types, logit spread
+        # 0.05 < gate noise 0.1), so experts see mixed-type gradients that cancel out.
+        logits = self.gate(user_emb.float() * math.sqrt(self.cfg.user_dim))  # (B, E)
         if self.training and self.cfg.gate_noise_std > 0:
             logits = logits + self.cfg.gate_noise_std * torch.randn_like(logits)
         return logits.softmax(dim=-1).topk(self.cfg.top_k, dim=-1)  # (B, k), (B, k)
 
     def set_routing(self, user_emb: torch.Tensor) -> None:
         top_p, top_i = self.routing(user_emb)  # (B, k)
-        slots, weights = top_i + 1, top_p  # expert e lives in slot e + 1
+        slots, weights = top_i + 1, top_p * self.cfg.num_experts  # expert e lives in slot e + 1; E * p: see top
         if not self.merged:  # the shared LoRA rides along as one more slot with weight 1
             slots = torch.cat([torch.zeros_like(slots[:, :1]), slots], dim=1)  # (B, 1+k)
             weights = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)  # (B, 1+k)

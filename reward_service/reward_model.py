@@ -11,7 +11,6 @@ whose embedding space the gates were trained on). Load verifies the checksums be
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from copl_common.checksums import sha256_file
 from reward_service.backbone import DEFAULT_BACKBONE, is_causal_backbone, load_backbone, resolve_device_dtype
 from reward_service.mole import MoLEConfig, MoLELinear, inject_mole, route
 
@@ -141,7 +141,7 @@ class RewardModel(nn.Module):
             "hidden_size": self.backbone.config.hidden_size,
             "pooling": self.pooling,
             "config": asdict(self.cfg),
-            "files": {WEIGHTS_NAME: _sha256(out / WEIGHTS_NAME)},
+            "files": {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)},
             "extra": dict(manifest_extra or {}),
         }
         tmp = out / (MANIFEST_NAME + ".tmp")
@@ -186,14 +186,6 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     for name, digest in manifest["files"].items():
         if not (d / name).is_file():
             raise ValueError(f"{d / name} is missing")
-        if _sha256(d / name) != digest:
+        if sha256_file(d / name) != digest:
             raise ValueError(f"checksum mismatch for {d / name}")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

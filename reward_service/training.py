@@ -39,6 +39,9 @@ class RMTrainConfig:
     max_steps: int = 1000  # optimizer steps
     eval_every: int = 50  # optimizer steps between validation passes
     eval_batch_size: int = 64  # pairs per validation forward
+    eval_max_pairs: int | None = 512  # mid-training passes score a fixed random subset this big (None: all);
+    # the restored best weights are scored on the whole val set at the end. Val is one pair per user, so
+    # at 1,000 users a full pass per check would cost minutes on CPU
     patience: int = 4  # validation passes without a new best accuracy before stopping early
     max_grad_norm: float = 1.0  # clip: gate logits can jump early in training
     seed: int = 0  # data order, gate noise and dropout
@@ -47,6 +50,8 @@ class RMTrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.eval_max_pairs is not None and self.eval_max_pairs < 1:
+            raise ValueError("eval_max_pairs must be >= 1 or None")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and warmup_steps >= 0")
 
@@ -57,18 +62,27 @@ class RMProfile:
     train: RMTrainConfig
 
 
-# tiny: tests (< 1 min on 2 CPU cores). small: ~1,000 users x 16 pairs in ~10 min on 2 CPU cores, so the top
-# two blocks only and short inputs. paper: reference sizes (E=8, k=1, r=8, alpha=16, all blocks) for a GPU.
+# tiny: tests (about 1 min on 2 CPU cores). small: ~1,000 users x 16 pairs in ~15 min on 2 CPU cores, so the
+# top two blocks only. paper: reference sizes (E=8, k=1, r=8, alpha=16, all blocks) for a GPU.
+# max_length 96 covers 97% of synthetic uf-p inputs (32 cut the response cues off). Targets add the attention
+# and FFN outputs ("output.dense" matches both) to peft's query/value: on uf-p-4 the attribute cues are linearly
+# readable at block 4 but much less so after block 6 (probe), so the top blocks need room to keep them.
+# lr 2e-3 learns uf-p-4 within ~40 steps (1e-3 sat near chance for 120 steps and 5e-3 collapsed the margins
+# to 0, both measured before mole.py's gate-input scaling; not a full sweep).
 # user_dim is the GNN width; callers set it to the GNN they pair with.
+_TARGETS = ("query", "value", "output.dense")
 RM_PROFILES: dict[str, RMProfile] = {
     "tiny": RMProfile(
-        model=RewardModelConfig(max_length=32, mole=MoLEConfig(user_dim=32, num_experts=4, rank=4, alpha=8.0,
-                                                               gate_hidden=64, last_n_layers=1)),
-        train=RMTrainConfig(batch_size=8, max_steps=40, warmup_steps=3, eval_every=10, lr=1e-2, patience=3),
+        model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=32, num_experts=4, rank=4, alpha=8.0,
+                                                               gate_hidden=64, target_modules=_TARGETS,
+                                                               last_n_layers=2)),
+        train=RMTrainConfig(batch_size=16, max_steps=40, warmup_steps=3, eval_every=10, lr=2e-3, patience=3,
+                            eval_max_pairs=128),
     ),
     "small": RMProfile(
-        model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=64, last_n_layers=2)),
-        train=RMTrainConfig(batch_size=32, max_steps=400, warmup_steps=20, eval_every=50, lr=1e-3),
+        model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=64, target_modules=_TARGETS,
+                                                               last_n_layers=2)),
+        train=RMTrainConfig(batch_size=32, max_steps=250, warmup_steps=10, eval_every=50, lr=2e-3, patience=3),
     ),
     "paper": RMProfile(
         model=RewardModelConfig(max_length=512, mole=MoLEConfig(user_dim=512)),
@@ -157,9 +171,13 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    if cfg.eval_max_pairs is not None and cfg.eval_max_pairs < len(val):
+        val_check = [val[i] for i in torch.randperm(len(val), generator=gen)[:cfg.eval_max_pairs].tolist()]
+    else:
+        val_check = val
     batches = _batches(len(train), cfg.batch_size, gen)
     history: list[dict[str, Any]] = []
-    best = {"val_accuracy": -1.0, "step": 0, "state": None}
+    best = {"val_accuracy": -1.0, "val_loss": math.inf, "step": 0, "state": None}
     evals_since_best, window_loss, window_n, step = 0, 0.0, 0, 0
     stopped_early = False
     model.train()
@@ -177,7 +195,7 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         step += 1
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_metrics = evaluate(model, val, cfg.eval_batch_size)
+            val_metrics = evaluate(model, val_check, cfg.eval_batch_size)
             row = {"step": step, "train_loss": window_loss / window_n, "val_loss": val_metrics["loss"],
                    "val_accuracy": val_metrics["accuracy"], "lr": sched.get_last_lr()[0]}
             history.append(row)
@@ -187,7 +205,8 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
                 report(dict(row))
             if row["val_accuracy"] > best["val_accuracy"]:
                 state = {n: p.detach().clone() for n, p in model.trainable_parameters().items()}
-                best, evals_since_best = {"val_accuracy": row["val_accuracy"], "step": step, "state": state}, 0
+                best, evals_since_best = {"val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
+                                          "step": step, "state": state}, 0
             else:
                 evals_since_best += 1
                 if evals_since_best >= cfg.patience:
@@ -198,7 +217,10 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         for name, p in model.trainable_parameters().items():
             p.copy_(best["state"][name])
     model.eval()
+    final = (evaluate(model, val, cfg.eval_batch_size) if val_check is not val
+             else {"loss": best["val_loss"], "accuracy": best["val_accuracy"]})  # the whole val set
     metrics = {"best_val_accuracy": best["val_accuracy"], "best_step": best["step"], "steps": step,
+               "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_pairs": len(val),
                "stopped_early": stopped_early, "history": history, "config": asdict(cfg)}
     if out_dir is not None:
         out = Path(out_dir)

@@ -1,6 +1,8 @@
 """MoLE layer: injection, routing, exact top-k mixing, gate noise, merge; on the real MiniLM backbone."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -54,7 +56,7 @@ def test_routing_picks_the_expert_the_gate_says(minilm):
     with torch.no_grad(), route({"q": layer}, users):
         y = layer(x)
     p = torch.tensor([0.0, 0.0, 5.0, 0.0]).softmax(0)[2]
-    w = layer.base.weight + layer.get_delta_weight(0) + p * layer.get_delta_weight(3)  # expert 2 is slot 3
+    w = layer.base.weight + layer.get_delta_weight(0) + 4 * p * layer.get_delta_weight(3)  # slot 3; weight E * p
     torch.testing.assert_close(y, x @ w.T + layer.base.bias, atol=1e-4, rtol=1e-4)
 
 
@@ -65,13 +67,13 @@ def test_top_k_mixing_matches_per_sample_dense_sum(minilm):
     with torch.no_grad():
         with route({"q": layer}, users):
             y = layer(x)
-        probs = layer.gate(users).softmax(-1)  # (B, E)
+        probs = layer.gate(users * math.sqrt(D_USER)).softmax(-1)  # (B, E); the gate reads sqrt(d)-scaled input
         top_i = probs.topk(2, dim=-1).indices
         assert (top_i[:, 0] == probs.argmax(-1)).all()
         for i in range(6):  # reference: every expert densely, zero weight outside the top 2
             w = layer.base.weight + layer.get_delta_weight(0)
             for e in range(4):
-                g = probs[i, e] if e in top_i[i] else 0.0
+                g = 4 * probs[i, e] if e in top_i[i] else 0.0  # weight E * p
                 w = w + g * layer.get_delta_weight(e + 1)
             torch.testing.assert_close(y[i], x[i] @ w.T + layer.base.bias, atol=1e-4, rtol=1e-4)
     assert len({tuple(r.tolist()) for r in top_i}) > 1, "users should not all share one routing"
