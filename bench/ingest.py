@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -82,13 +81,22 @@ def run_orm_baseline(url: str, path: str, limit: int) -> dict:
     return {"records": n, "inserted": n, "seconds": seconds}
 
 
+def peak_rss_gb() -> float:
+    """This process's high-water RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would
+    report the parent's peak (the parent holds the generated dataset)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(args) -> None:
     """Runs one measurement and prints its JSON (called as a subprocess)."""
     if args.child == "copl":
         out = run_copl_ingest(args.url, args.file)
     else:
         out = run_orm_baseline(args.url, args.file, args.limit)
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(out))
 
 

@@ -33,12 +33,14 @@ from reward_service.reward_model import RewardModel, RewardModelConfig  # noqa: 
 
 def naive_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
     """Reference-style MoLE layer: base + shared + a Python loop over all experts, each weighted by its gate."""
-    y = layer.base(x) + layer.scaling * F.linear(F.linear(x, layer.lora_A[0]), layer.lora_B[0].T)
+    a, b = layer.lora_A.to(x.dtype), layer.lora_B.to(x.dtype)  # adapters are fp32; activations may be bf16
+    y = layer.base(x) + layer.scaling * F.linear(F.linear(x, a[0]), b[0].T)
     # dense per-expert gate weights from the gate route() already ran for this layer
     slot_w = layer._slot_w[:, 0, ::layer.cfg.rank] / layer.scaling  # (B, S_active)
-    w = torch.zeros(x.shape[0], 1 + layer.cfg.num_experts, device=x.device).scatter(1, layer._slots, slot_w)[:, 1:]
+    w = torch.zeros(x.shape[0], 1 + layer.cfg.num_experts, device=x.device, dtype=slot_w.dtype)
+    w = w.scatter(1, layer._slots, slot_w)[:, 1:].to(x.dtype)
     for e in range(layer.cfg.num_experts):
-        h = F.linear(F.linear(x, layer.lora_A[e + 1]), layer.lora_B[e + 1].T)  # (B, T, out)
+        h = F.linear(F.linear(x, a[e + 1]), b[e + 1].T)  # (B, T, out)
         y = y + layer.scaling * w[:, e, None, None] * h
     return y
 

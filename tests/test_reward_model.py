@@ -29,7 +29,9 @@ def randomize(model: RewardModel) -> RewardModel:
 
 @pytest.fixture(scope="module")
 def mole_model():
-    cfg = RewardModelConfig(max_length=48, mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))
+    # fp32 on the CPU: these tests check the math exactly (the CUDA/bf16 path: test_reward_model_cuda.py)
+    cfg = RewardModelConfig(max_length=48, device="cpu", dtype="float32",
+                            mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))
     return randomize(RewardModel(cfg))
 
 
@@ -119,7 +121,7 @@ def test_baseline_is_one_setting_and_takes_no_user():
 
 
 def test_decoder_backbone_last_token_pooling(llama_dir):
-    model = randomize(RewardModel(RewardModelConfig(backbone=llama_dir, max_length=48,
+    model = randomize(RewardModel(RewardModelConfig(backbone=llama_dir, max_length=48, device="cpu", dtype="float32",
                                                     mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))))
     assert model.is_decoder and model.pooling == "last"
     assert len(model.mole_layers) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in model.mole_layers)
