@@ -236,6 +236,7 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store and registry go")] = Path("data/demo"),
+    preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-2",
     users: Annotated[int, typer.Option(min=8, help="synthetic users")] = 400,
     profile: Annotated[str, typer.Option(help="training profile (tiny | small | paper)")] = "tiny",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -258,8 +259,8 @@ def demo(
     def step(text: str) -> None:
         typer.secho(text, bold=True)
 
-    step(f"1/5 synth: uf-p-4, {users} users, seed {seed} -> {data}")
-    dataset = generate(SynthConfig(preset="uf-p-4", users=users, seed=seed))
+    step(f"1/5 synth: {preset}, {users} users, seed {seed} -> {data}")
+    dataset = generate(SynthConfig(preset=preset, users=users, seed=seed))
     typer.echo(f"    {json.dumps(write(dataset, data))}")
     with PreferenceStore(url) as store:
         step(f"2/5 ingest the seen users into {url}")

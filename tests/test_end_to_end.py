@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
         return proc.stdout
 
     data = home / "ds"
-    copl("synth", "--preset", "uf-p-4", "--users", "200", "--seed", "1", "--out", str(data))
+    # uf-p-2 (helpfulness vs honesty users): the tiny profile learns both cues within the suite's time
+    copl("synth", "--preset", "uf-p-2", "--users", "200", "--seed", "1", "--out", str(data))
     copl("ingest", str(data / "train_seen.jsonl"), "--no-progress")
     release_id = copl("train", "--profile", "tiny", "--no-progress").strip().splitlines()[-1]
     copl("ingest", str(data / "train_unseen.jsonl"), "--no-progress")
@@ -51,7 +52,7 @@ def test_eval_json_and_personalization(trained):
     assert m["n_pairs"] == 800 and m["seen"]["n_pairs"] == 720 and m["unseen"]["n_pairs"] == 80
     assert m["users_by_source"].get("TRAINED") == 180
     assert m["users_by_source"].get("ADAPTED", 0) + m["users_by_source"].get("DEFAULT", 0) == 20
-    assert set(m["by_group"]) == {"helpfulness", "honesty", "instruction_following", "truthfulness"}
+    assert set(m["by_group"]) == {"helpfulness", "honesty"}
     assert sum(g["n_pairs"] for g in m["by_group"].values()) == 800
     assert m["controversial_accuracy"] == pytest.approx(m["accuracy"])  # every synthetic pair is controversial
     test = [json.loads(line) for line in open(trained["data"] / "test.jsonl")]
