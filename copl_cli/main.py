@@ -156,8 +156,9 @@ def train(
     except ValueError as exc:  # empty store, bad settings
         _fail(str(exc))
     metrics = release.manifest["metrics"]
-    typer.echo(f"gnn val accuracy {metrics['gnn']['val_accuracy']}, reward val accuracy "
-               f"{metrics['reward'].get('best_val_accuracy')}, {metrics['seconds']:.0f}s", err=True)
+    gnn_acc = metrics["gnn"]["val_accuracy"]  # None when no user had two pairs to hold one out
+    typer.echo(f"held-out context pairs: GNN accuracy {'n/a' if gnn_acc is None else f'{gnn_acc:.3f}'}, "
+               f"reward model accuracy {metrics['reward']['val_accuracy']:.3f}; {metrics['seconds']:.0f}s", err=True)
     typer.echo(release.id)
 
 
@@ -215,7 +216,7 @@ def releases_list(registry: RegistryOption = None,
         m = rel.manifest
         row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at, "profile": m.get("profile"),
                "users": m.get("data", {}).get("users"),
-               "reward_val_accuracy": m.get("metrics", {}).get("reward", {}).get("best_val_accuracy")}
+               "reward_val_accuracy": m.get("metrics", {}).get("reward", {}).get("val_accuracy")}
         typer.echo(json.dumps(row) if as_json else
                    f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  profile={row['profile']}  "
                    f"users={row['users']}  val_acc={row['reward_val_accuracy']}")
