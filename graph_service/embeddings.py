@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from copl_common.checksums import sha256_file
+from copl_common.checksums import read_manifest, sha256_file
 
 FORMAT = "copl-gnn-checkpoint/1"
 WEIGHTS_FILE, TABLES_FILE, MANIFEST_FILE = "weights.safetensors", "tables.safetensors", "manifest.json"
@@ -122,12 +122,7 @@ class GNNCheckpoint:
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> GNNCheckpoint:
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise ValueError(f"{directory} has no {MANIFEST_FILE}")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        manifest = read_manifest(directory, MANIFEST_FILE, FORMAT)
         loaded = {}
         for name in (WEIGHTS_FILE, TABLES_FILE):
             entry = manifest["files"].get(name)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from copl_common.checksums import read_manifest as checked_manifest  # this module's read_manifest adds file checks
 from copl_common.checksums import sha256_file
 from reward_service.backbone import DEFAULT_BACKBONE, is_causal_backbone, load_backbone, resolve_device_dtype
 from reward_service.mole import MoLEConfig, MoLELinear, inject_mole, route
@@ -177,12 +178,7 @@ class RewardModel(nn.Module):
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a saved reward model, after checking the format and every file's sha256."""
     d = Path(model_dir)
-    path = d / MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(f"no {MANIFEST_NAME} in {d}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = checked_manifest(d, MANIFEST_NAME, FORMAT)
     for name, digest in manifest["files"].items():
         if not (d / name).is_file():
             raise ValueError(f"{d / name} is missing")
