@@ -77,7 +77,6 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
         users = checkpoint.user_embeddings if request.personalized else None
         train = _examples(texts, gnn.train_rows, users, snapshot.triples)
         val = _examples(texts, gnn.val_rows, users, snapshot.triples)
-        torch.manual_seed(rm_model_cfg.seed)
         model = RewardModel(rm_model_cfg)
         rm_metrics = train_reward_model(model, train, val, prof.reward.train, out_dir=plots,
                                         report=report, progress=request.progress)
