@@ -16,7 +16,8 @@ Writes docs/RESULTS.md and docs/accuracy.png. Last line: one JSON object with co
 uniform and majority_bound for uf-p-4 ALL.
 
     .venv/bin/python bench/accuracy.py            # 4 datasets x 1,000 users, profile small
-    .venv/bin/python bench/accuracy.py --quick    # uf-p-4 ALL, 200 users, profile tiny
+    .venv/bin/python bench/accuracy.py --quick    # uf-p-2 ALL, 100 users, profile tiny, copl + uniform:
+                                                  # a smoke run of the whole path (minutes, not the table)
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def run_dataset(preset: str, avg: bool, args, work: Path) -> dict:
     test = read_valid_records([data / "test.jsonl"])
     bound = majority_bound([json.loads(line) for line in open(data / "test.jsonl")])
     url = f"sqlite:///{data / 'store.db'}"
-    variants = [v for v in VARIANTS if (preset, avg) == ABLATION_DATASET or v in ("copl", "uniform")]
+    variants = [v for v in VARIANTS if ((preset, avg) == ABLATION_DATASET or v in ("copl", "uniform"))
+                and (args.variants is None or v in args.variants.split(","))]
     releases, seconds = {}, {}
     with PreferenceStore(url) as store:
         ingest_files(store, [data / "train_seen.jsonl"], progress=False)
@@ -125,17 +127,21 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="uf-p-4 ALL only, 200 users, profile tiny")
+    parser.add_argument("--quick", action="store_true", help="uf-p-2 ALL, 100 users, profile tiny, copl + uniform")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--datasets", default=None, help="e.g. 'uf-p-4,uf-p-4-avg' (default: all four)")
+    parser.add_argument("--variants", default=None, help="e.g. 'copl,uniform' (default: all that apply)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where RESULTS.md and accuracy.png go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where RESULTS.md and accuracy.png go (default: docs/; --quick writes none)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    args.users = args.users or (200 if args.quick else 1000)
+    args.users = args.users or (100 if args.quick else 1000)
     args.profile = args.profile or ("tiny" if args.quick else "small")
-    datasets = [ABLATION_DATASET] if args.quick else DATASETS
+    if args.quick:
+        args.variants = args.variants or "copl,uniform"
+    datasets = [("uf-p-2", False)] if args.quick else DATASETS
     if args.datasets:
         wanted = {d.strip() for d in args.datasets.split(",")}
         datasets = [(p, a) for p, a in DATASETS if (p + ("-avg" if a else "")) in wanted]
@@ -147,14 +153,16 @@ def main() -> None:
 
     markdown = render_markdown(runs, args, total)
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "RESULTS.md").write_text(markdown + "\n![accuracy](accuracy.png)\n")
-    plot(runs, args.out / "accuracy.png")
+    out = args.out or (None if args.quick else ROOT / "docs")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "RESULTS.md").write_text(markdown + "\n![accuracy](accuracy.png)\n")
+        plot(runs, out / "accuracy.png")
     main_run = next((r for r in runs if r["dataset"] == dataset_name(*ABLATION_DATASET)), runs[0])
-    copl, uniform = main_run["results"]["copl"], main_run["results"]["uniform"]
+    copl, uniform = main_run["results"].get("copl"), main_run["results"].get("uniform")
     print(json.dumps({"dataset": main_run["dataset"], "users": args.users, "profile": args.profile,
-                      "copl_seen": copl["seen"]["accuracy"], "copl_unseen": copl["unseen"]["accuracy"],
-                      "copl": copl["accuracy"], "uniform": uniform["accuracy"],
+                      "copl_seen": copl and copl["seen"]["accuracy"], "copl_unseen": copl and copl["unseen"]["accuracy"],
+                      "copl": copl and copl["accuracy"], "uniform": uniform and uniform["accuracy"],
                       "majority_bound": main_run["majority_bound"], "seconds": round(total)}))
 
 
