@@ -57,10 +57,8 @@ def _write_sqlite(cursor, table: str, columns: tuple[str, ...], rows: list[tuple
     """executemany of INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
     if "created_at" in columns:
         at = columns.index("created_at")
-        texts: dict[datetime, str] = {}  # most rows of a batch share one ingestion time
-        rows = [row[:at] + (texts.get(row[at]) or texts.setdefault(row[at], _sqlite_time(row[at])),) + row[at + 1:]
-                for row in rows]
-    rows.sort()  # key order: each index page is written once per batch instead of at random
+        texts = {ts: _sqlite_time(ts) for ts in {row[at] for row in rows}}  # a batch shares few times
+        rows = [row[:at] + (texts[row[at]],) + row[at + 1:] for row in rows]
     names = ", ".join(f'"{c}"' for c in columns)
     marks = ", ".join("?" * len(columns))
     cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
@@ -90,7 +88,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
     cur.execute("PRAGMA cache_size=-65536")      # 64 MiB: random-key index inserts thrash the 2 MiB default
-    cur.execute("PRAGMA wal_autocheckpoint=16384")  # checkpoint (and fsync) per 64 MiB of WAL, not per 4 MiB
     cur.close()
 
 
