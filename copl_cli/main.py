@@ -28,6 +28,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _print_errors(errors, limit: int, prefix: str = "") -> None:
+    """Bad input lines on stderr, one each, at most `limit` of them."""
+    for error in errors[:limit]:
+        typer.echo(f"{prefix}{error}", err=True)
+    if len(errors) > limit:
+        typer.echo(f"... and {len(errors) - limit} more", err=True)
+
+
 def _store(db: str | None, migrate: bool = True):
     from copl_common.settings import default_db_url
     from graph_service.store import PreferenceStore
@@ -73,15 +81,11 @@ def ingest(
     except FileNotFoundError as exc:
         _fail(str(exc))
     except InvalidInput as exc:
-        for error in exc.errors[:100]:
-            typer.echo(str(error), err=True)
-        if len(exc.errors) > 100:
-            typer.echo(f"... and {len(exc.errors) - 100} more", err=True)
+        _print_errors(exc.errors, 100)
         _fail(f"{exc} (use --skip-invalid to load the valid lines)")
     finally:
         store.close()
-    for error in report.invalid[:100]:
-        typer.echo(f"skipped {error}", err=True)
+    _print_errors(report.invalid, 100, prefix="skipped ")
     typer.echo(json.dumps({"valid": report.valid, "inserted": report.inserted,
                            "duplicates": report.duplicates, "invalid": len(report.invalid)}))
 
@@ -182,8 +186,7 @@ def evaluate(
     except FileNotFoundError as exc:
         _fail(str(exc))
     except InvalidInput as exc:
-        for error in exc.errors[:20]:
-            typer.echo(str(error), err=True)
+        _print_errors(exc.errors, 20)
         _fail(f"{len(exc.errors)} invalid line(s) in {test_file}")
     store = _store(db)
     try:
