@@ -7,7 +7,8 @@ Reads export the bipartite graph as tensors for training (see snapshot.py).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.resources import files
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 
 from graph_service.records import PreferenceRecord, content_hash
 from graph_service.schema import Preference, Prompt, Response, User
@@ -83,10 +84,10 @@ def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tup
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
     cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
     cur.execute("PRAGMA cache_size=-65536")      # 64 MiB: random-key index inserts thrash the 2 MiB default
     cur.close()
 
@@ -123,6 +124,16 @@ class PreferenceStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction. On SQLite it takes the write lock up front (BEGIN IMMEDIATE): a
+        transaction that reads first and then writes cannot wait for a concurrent writer (SQLite
+        answers 'database is locked' at once instead of calling the busy handler)."""
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+
     # -- schema ---------------------------------------------------------------------------------
     def _alembic_config(self, connection) -> Config:
         cfg = Config()
@@ -132,14 +143,12 @@ class PreferenceStore:
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema (a no-op when it is current)."""
-        with self.engine.connect() as conn:
+        with self._writing() as conn:
             command.upgrade(self._alembic_config(conn), revision)
-            conn.commit()
 
     def downgrade(self, revision: str) -> None:
-        with self.engine.connect() as conn:
+        with self._writing() as conn:
             command.downgrade(self._alembic_config(conn), revision)
-            conn.commit()
 
     def schema_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
@@ -187,7 +196,7 @@ class PreferenceStore:
             ("responses", ("id", "text"), list(responses.items())),
             ("preferences", _PREFERENCE_COLUMNS, list(prefs.values())),
         )
-        with self.engine.begin() as conn:
+        with self._writing() as conn:
             cursor = conn.connection.cursor()
             write = _write_postgres if self.engine.dialect.name == "postgresql" else _write_sqlite
             inserted = [write(cursor, *table) for table in tables][-1]
