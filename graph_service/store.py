@@ -7,6 +7,8 @@ Reads export the bipartite graph as tensors for training (see snapshot.py).
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,10 +84,24 @@ def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tup
     return cursor.rowcount
 
 
+def _enable_wal(cursor, wait_s: float = 60.0) -> None:
+    """Switching a new file to WAL needs a moment alone with it, and SQLite reports 'locked' at once
+    instead of calling the busy handler, so concurrent first opens retry here."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
-    cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer
+    _enable_wal(cur)                            # readers never block the writer
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA cache_size=-65536")      # 64 MiB: random-key index inserts thrash the 2 MiB default

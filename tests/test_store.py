@@ -1,6 +1,8 @@
 """The preference store on real SQLite files and a real PostgreSQL server."""
 from __future__ import annotations
 
+import multiprocessing
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -26,6 +28,27 @@ def test_migrations_from_empty_and_back(store_url):
     store.migrate()
     assert store.stats() == {"users": 0, "prompts": 0, "responses": 0, "preferences": 0}
     store.close()
+
+
+def _open_store_when_released(url: str, go) -> None:
+    go.wait()
+    PreferenceStore(url).close()
+
+
+def test_simultaneous_first_opens_migrate_once(store_url):
+    """Processes released at the same instant all migrate or wait; none fails with 'locked'."""
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_open_store_when_released, args=(store_url, go)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(3)  # let every process import the store and block on the event
+    go.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with PreferenceStore(store_url, migrate=False) as store:
+        assert store.schema_revision() is not None
 
 
 def test_reingest_is_idempotent(store_url, tmp_path):
