@@ -5,14 +5,22 @@ over non-pad tokens (how all-MiniLM-L6-v2 was trained to pool). Decoders read `p
 response`, truncated from the left so the response end survives, and pool the last non-pad token
 (found from the attention mask, so left and right padding both work).
 
+Frozen prefix: when only the top blocks carry adapters (`MoLEConfig.last_n_layers`), the blocks below
+them compute the same hidden states for a text whoever the user is. `encode_frozen` runs them once per
+distinct text and `forward_frozen` runs only the adapted blocks on those states; training and evaluation
+use this, since every response is scored for many users and over many epochs.
+
 Saved form: `weights.safetensors` (adapters, gates, head; the backbone is named, not copied) and
 `manifest.json` (backbone, settings, sha256 of every file, caller extras such as the GNN checkpoint
 whose embedding space the gates were trained on). Load verifies the checksums before reading weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from copl_common.checksums import read_manifest as checked_manifest  # this module's read_manifest adds file checks
 from copl_common.checksums import sha256_file
@@ -38,7 +47,8 @@ class RewardModelConfig:
     pooling: str = "auto"  # auto | mean | last; auto: last token for causal backbones, mean for encoders
     max_length: int = 256  # tokens of prompt + response; longer inputs are truncated
     device: str = "auto"  # auto: cuda when present, else cpu
-    dtype: str = "auto"  # backbone dtype; auto: bf16 on cuda, fp32 on cpu (adapters and head stay fp32)
+    dtype: str = "auto"  # backbone dtype; auto: bf16 on cuda and on CPUs with native bf16, else fp32 (adapters
+    # and head stay fp32)
     seed: int = 0  # adapter, gate and head initialization
     mole: MoLEConfig = field(default_factory=MoLEConfig)
 
@@ -49,6 +59,35 @@ class RewardModelConfig:
             raise ValueError(f"pooling must be auto, mean or last, got {self.pooling!r}")
         if self.max_length < 2:
             raise ValueError("max_length must be >= 2")
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a transformer block: hands the hidden states on unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class _Inject(nn.Module):
+    """Stands in for a frozen block: returns states computed earlier (`RewardModel.encode_frozen`)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
+
+
+def _block_list(backbone: nn.Module, adapted: Sequence[str]) -> tuple[nn.ModuleList | None, int]:
+    """The backbone's ModuleList of transformer blocks and the index of the lowest adapted block
+    (`encoder.layer.4.attention.self.query` -> (encoder.layer, 4)); (None, 0) without numbered blocks."""
+    found = [(m.group(1), int(m.group(2))) for name in adapted if (m := re.match(r"(.+?)\.(\d+)\.", name))]
+    if len(found) != len(adapted):
+        return None, 0
+    path, lowest = min(found, key=lambda f: f[1])
+    blocks = backbone.get_submodule(path)
+    return (blocks, lowest) if isinstance(blocks, nn.ModuleList) else (None, 0)
 
 
 class RewardModel(nn.Module):
@@ -69,6 +108,7 @@ class RewardModel(nn.Module):
             torch.manual_seed(cfg.seed)
             self.mole_layers = inject_mole(self.backbone, cfg.mole)
             self.head = nn.Linear(self.backbone.config.hidden_size, 1, device=self.device)
+        self._blocks, self.frozen_blocks = _block_list(self.backbone, list(self.mole_layers))
         self.eval()  # new modules default to training mode (gate noise, dropout); training opts in with .train()
 
     @property
@@ -78,27 +118,90 @@ class RewardModel(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
-    def tokenize(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        """Padded model inputs on the model's device for (prompt, response) pairs."""
+    def tokenize(self, prompts: list[str], responses: list[str], padding_side: str | None = None) -> dict[str, torch.Tensor]:
+        """Padded model inputs on the model's device for (prompt, response) pairs (padding side: the tokenizer's)."""
         if len(prompts) != len(responses) or not prompts:
             raise ValueError(f"need equal, non-zero numbers of prompts and responses, got {len(prompts)}, {len(responses)}")
         if self.is_decoder:
             texts = [p + DECODER_SEPARATOR + r for p, r in zip(prompts, responses)]
             enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length, padding=True,
-                                 return_tensors="pt", return_token_type_ids=False)
+                                 padding_side=padding_side, return_tensors="pt", return_token_type_ids=False)
         else:
             enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.cfg.max_length,
-                                 padding=True, return_tensors="pt")
+                                 padding=True, padding_side=padding_side, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids and mask, (B, d_user) user embeddings -> (B,) fp32 rewards."""
-        if user_emb is not None and (user_emb.dim() != 2 or user_emb.shape != (input_ids.shape[0], self.cfg.mole.user_dim)):
-            raise ValueError(f"user_emb must be ({input_ids.shape[0]}, {self.cfg.mole.user_dim}), got {tuple(user_emb.shape)}")
+        self._check_user_emb(user_emb, input_ids.shape[0])
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with route(self.mole_layers, None if user_emb is None else user_emb.to(self.device)):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        return self._reward(hidden, attention_mask)
+
+    def _check_user_emb(self, user_emb: torch.Tensor | None, batch: int) -> None:
+        if user_emb is not None and (user_emb.dim() != 2 or user_emb.shape != (batch, self.cfg.mole.user_dim)):
+            raise ValueError(f"user_emb must be ({batch}, {self.cfg.mole.user_dim}), got {tuple(user_emb.shape)}")
+
+    @contextlib.contextmanager
+    def _blocks_replaced(self, stand_ins: dict[int, nn.Module]) -> Iterator[None]:
+        originals = {i: self._blocks[i] for i in stand_ins}
+        for i, module in stand_ins.items():
+            self._blocks[i] = module
+        try:
+            yield
+        finally:
+            for i, module in originals.items():
+                self._blocks[i] = module
+
+    @torch.no_grad()
+    def encode_frozen(self, prompts: list[str], responses: list[str], batch_size: int = 64,
+                      progress: bool = False) -> list[torch.Tensor]:
+        """Output of the frozen bottom blocks for each (prompt, response): a (T_i, d) tensor of its real tokens.
+
+        Padded on the right whatever the tokenizer says, so every token keeps its natural position and a
+        text's states do not depend on the batch it was encoded in. Runs in eval mode (no dropout): the
+        states are reused for every pass, in training too."""
+        if self.frozen_blocks == 0:
+            raise ValueError("every block carries adapters: there is no frozen prefix to encode")
+        captured: list[torch.Tensor] = []
+        hook = self._blocks[self.frozen_blocks - 1].register_forward_hook(lambda _m, _a, out: captured.append(out))
+        skip_rest = {i: _PassThrough() for i in range(self.frozen_blocks, len(self._blocks))}
+        states: list[torch.Tensor] = []
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with self._blocks_replaced(skip_rest):
+                starts = range(0, len(prompts), batch_size)
+                for start in tqdm(starts, desc="frozen blocks", unit="batch", disable=not progress, leave=False):
+                    enc = self.tokenize(prompts[start:start + batch_size], responses[start:start + batch_size], "right")
+                    captured.clear()
+                    self.backbone(**enc)
+                    if not isinstance(captured[0], torch.Tensor):
+                        raise ValueError(f"{self.cfg.backbone}: blocks return {type(captured[0]).__name__}, "
+                                         "not a tensor; cannot cache the frozen prefix")
+                    mask = enc["attention_mask"].bool()
+                    states += [h[m] for h, m in zip(captured[0], mask)]
+        finally:
+            hook.remove()
+            self.backbone.train(was_training)
+        return states
+
+    def forward_frozen(self, states: Sequence[torch.Tensor], user_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) from `encode_frozen` outputs: runs only the adapted blocks, pooling and head."""
+        self._check_user_emb(user_emb, len(states))
+        hidden = torch.nn.utils.rnn.pad_sequence(list(states), batch_first=True)  # (B, T, d), right padding
+        lengths = torch.tensor([h.shape[0] for h in states], device=hidden.device)  # (B,)
+        mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()  # (B, T)
+        frozen = {i: _Inject(hidden) for i in range(self.frozen_blocks)}
+        with self._blocks_replaced(frozen), route(self.mole_layers, None if user_emb is None else user_emb.to(self.device)):
+            # inputs_embeds only fixes the shape: the first stand-in block discards what the embeddings make of it
+            out = self.backbone(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        return self._reward(out, mask)
+
+    def _reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooling and head: (B, T, d) last hidden states -> (B,) fp32 rewards."""
         hidden = hidden.float()  # (B, T, d)
         mask = attention_mask.to(hidden.dtype)  # (B, T)
         if self.pooling == "mean":

@@ -44,12 +44,16 @@ class RMTrainConfig:
     # at 1,000 users a full pass per check would cost minutes on CPU
     patience: int = 4  # validation passes without a new best accuracy before stopping early
     max_grad_norm: float = 1.0  # clip: gate logits can jump early in training
+    frozen_cache_gb: float = 4.0  # memory for the frozen-prefix states of the distinct training texts (bound:
+    # texts x max_length x hidden x dtype bytes); above it, or at 0, every step runs the whole backbone
     seed: int = 0  # data order, gate noise and dropout
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.frozen_cache_gb < 0:
+            raise ValueError("frozen_cache_gb must be >= 0")
         if self.eval_max_pairs is not None and self.eval_max_pairs < 1:
             raise ValueError("eval_max_pairs must be >= 1 or None")
         if self.lr <= 0 or self.warmup_steps < 0:
@@ -67,8 +71,9 @@ class RMProfile:
 # max_length 96 covers 97% of synthetic uf-p inputs (32 cut the response cues off). Targets add the attention
 # and FFN outputs ("output.dense" matches both) to peft's query/value: on uf-p-4 the attribute cues are linearly
 # readable at block 4 but much less so after block 6 (probe), so the top blocks need room to keep them.
-# lr 2e-3 learns uf-p-4 within ~40 steps (1e-3 sat near chance for 120 steps and 5e-3 collapsed the margins
-# to 0, both measured before mole.py's gate-input scaling; not a full sweep).
+# lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave seen accuracy 0.887/0.770/0.952 over three
+# seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.912 at 5e-4; 500 steps at 1e-3 gave 0.957. 400 steps fit the
+# 15-minute budget with room: the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
 # user_dim is the GNN width; callers set it to the GNN they pair with.
 _TARGETS = ("query", "value", "output.dense")
 RM_PROFILES: dict[str, RMProfile] = {
@@ -82,9 +87,9 @@ RM_PROFILES: dict[str, RMProfile] = {
     "small": RMProfile(
         model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=64, target_modules=_TARGETS,
                                                                last_n_layers=2)),
-        # patience 5 > the 5 checks of a 250-step run: a CPU run stopped at step 200 on a 512-pair-subset
-        # dip while its train loss still fell; the best checkpoint is restored either way
-        train=RMTrainConfig(batch_size=32, max_steps=250, warmup_steps=10, eval_every=50, lr=2e-3, patience=5),
+        # patience 5 of 8 checks: an earlier run stopped on a dip of the 512-pair check subset while its train
+        # loss still fell; the best checkpoint is restored either way
+        train=RMTrainConfig(batch_size=32, max_steps=400, warmup_steps=20, eval_every=50, lr=1e-3, patience=5),
     ),
     "paper": RMProfile(
         model=RewardModelConfig(max_length=512, mole=MoLEConfig(user_dim=512)),
@@ -94,21 +99,54 @@ RM_PROFILES: dict[str, RMProfile] = {
 }
 
 
-def _collate(model: RewardModel, batch: Sequence[PreferenceExample]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Inputs for 2B sequences (B chosen then B rejected) and their (2B, d_user) user embeddings."""
-    prompts = [ex.prompt for ex in batch]
-    enc = model.tokenize(prompts + prompts, [ex.chosen for ex in batch] + [ex.rejected for ex in batch])
-    if not model.personalized:
-        return enc, None
-    users = torch.stack([ex.user_emb for ex in batch]).to(model.device)  # (B, d_user)
-    return enc, torch.cat([users, users])  # (2B, d_user)
+class _PairTexts:
+    """The distinct (prompt, response) texts of a set of examples, each example pointing at two of them.
+
+    Responses repeat heavily (every response is labelled by many users), so when the model has frozen
+    bottom blocks and their states for these texts fit in `max_frozen_bytes`, those blocks run once per
+    distinct text here and every later pass runs only the adapted blocks.
+    """
+
+    def __init__(self, model: RewardModel, examples: Sequence[PreferenceExample], max_frozen_bytes: float,
+                 batch_size: int = 64, progress: bool = False):
+        index: dict[tuple[str, str], int] = {}
+        self.chosen = [index.setdefault((ex.prompt, ex.chosen), len(index)) for ex in examples]
+        self.rejected = [index.setdefault((ex.prompt, ex.rejected), len(index)) for ex in examples]
+        self.texts = list(index)
+        self.users = torch.stack([ex.user_emb for ex in examples]) if model.personalized else None  # (N, d_user)
+        frozen = model.frozen_blocks > 0 and frozen_states_bytes(model, len(self.texts)) <= max_frozen_bytes
+        self.states = (model.encode_frozen([p for p, _ in self.texts], [r for _, r in self.texts], batch_size,
+                                           progress=progress) if frozen else None)
+
+    def margins(self, model: RewardModel, rows: Sequence[int]) -> torch.Tensor:
+        """r(chosen) - r(rejected) (B,) for the examples at `rows`; chosen and rejected run in one pass."""
+        ids = [self.chosen[i] for i in rows] + [self.rejected[i] for i in rows]
+        users = None if self.users is None else self.users[list(rows) * 2].to(model.device)  # (2B, d_user)
+        if self.states is not None:
+            rewards = model.forward_frozen([self.states[j] for j in ids], users)
+        else:
+            enc = model.tokenize([self.texts[j][0] for j in ids], [self.texts[j][1] for j in ids])
+            rewards = model(**enc, user_emb=users)
+        chosen, rejected = rewards.chunk(2)
+        return chosen - rejected
+
+    @torch.no_grad()
+    def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int) -> torch.Tensor:
+        """Margins (N,) on the CPU in eval mode (no gate noise, no dropout)."""
+        was_training = model.training
+        model.eval()
+        out = [self.margins(model, rows[i:i + batch_size]).float().cpu() for i in range(0, len(rows), batch_size)]
+        model.train(was_training)
+        return torch.cat(out)
 
 
-def _pair_margins(model: RewardModel, batch: Sequence[PreferenceExample]) -> torch.Tensor:
-    enc, users = _collate(model, batch)
-    rewards = model(**enc, user_emb=users)  # (2B,)
-    chosen, rejected = rewards.chunk(2)
-    return chosen - rejected  # (B,)
+def _loss_accuracy(margins: torch.Tensor) -> dict[str, float]:
+    return {"loss": float(-F.logsigmoid(margins).mean()), "accuracy": float((margins > 0).float().mean())}
+
+
+def frozen_states_bytes(model: RewardModel, n_texts: int) -> int:
+    """Upper bound of the memory `encode_frozen` takes for n texts (every text at max_length)."""
+    return n_texts * model.cfg.max_length * model.backbone.config.hidden_size * model.dtype.itemsize
 
 
 def _check_examples(model: RewardModel, examples: Sequence[PreferenceExample], what: str) -> None:
@@ -123,24 +161,28 @@ def _check_examples(model: RewardModel, examples: Sequence[PreferenceExample], w
             raise ValueError(f"{what}[{i}]: user_emb must be a ({d},) tensor, got {got}")
 
 
+# Scoring works through the examples in chunks whose frozen-prefix states fit in this much memory.
+SCORING_CHUNK_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def pair_margins(model: RewardModel, examples: Sequence[PreferenceExample], batch_size: int = 64,
                  progress: bool = False) -> torch.Tensor:
     """r(chosen) - r(rejected) for every example, in eval mode (no gate noise): (N,) on the CPU."""
     _check_examples(model, examples, "evaluation")
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(examples), batch_size)
-    margins = [_pair_margins(model, examples[i:i + batch_size]).float().cpu()
-               for i in tqdm(starts, desc="score", unit="batch", disable=not progress, leave=False)]
-    model.train(was_training)
+    chunk = max(batch_size, SCORING_CHUNK_BYTES // frozen_states_bytes(model, 2))
+    margins = []
+    with tqdm(total=len(examples), desc="score", unit="pair", disable=not progress, leave=False) as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            margins.append(_PairTexts(model, part, math.inf, batch_size).eval_margins(model, range(len(part)), batch_size))
+            bar.update(len(part))
     return torch.cat(margins)
 
 
 def evaluate(model: RewardModel, examples: Sequence[PreferenceExample], batch_size: int = 64) -> dict[str, float]:
     """Mean Bradley-Terry loss and accuracy (share of pairs with r(chosen) > r(rejected))."""
-    margins = pair_margins(model, examples, batch_size)
-    return {"loss": float(-F.logsigmoid(margins).mean()), "accuracy": float((margins > 0).float().mean())}
+    return _loss_accuracy(pair_margins(model, examples, batch_size))
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -173,10 +215,13 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    # one table for both: validation pairs reuse the training responses, so their frozen states too
+    texts = _PairTexts(model, [*train, *val], cfg.frozen_cache_gb * 2**30, cfg.eval_batch_size, progress)
+    val_rows = list(range(len(train), len(train) + len(val)))
     if cfg.eval_max_pairs is not None and cfg.eval_max_pairs < len(val):
-        val_check = [val[i] for i in torch.randperm(len(val), generator=gen)[:cfg.eval_max_pairs].tolist()]
+        check_rows = [val_rows[i] for i in torch.randperm(len(val), generator=gen)[:cfg.eval_max_pairs].tolist()]
     else:
-        val_check = val
+        check_rows = val_rows
     batches = _batches(len(train), cfg.batch_size, gen)
     history: list[dict[str, Any]] = []
     best = {"val_accuracy": -1.0, "val_loss": math.inf, "step": 0, "state": None}
@@ -187,7 +232,7 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
     while step < cfg.max_steps:
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.grad_accum):
-            margins = _pair_margins(model, [train[i] for i in next(batches)])
+            margins = texts.margins(model, next(batches))
             loss = -F.logsigmoid(margins).mean()
             (loss / cfg.grad_accum).backward()
             window_loss, window_n = window_loss + loss.item(), window_n + 1
@@ -197,7 +242,7 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         step += 1
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_metrics = evaluate(model, val_check, cfg.eval_batch_size)
+            val_metrics = _loss_accuracy(texts.eval_margins(model, check_rows, cfg.eval_batch_size))
             row = {"step": step, "train_loss": window_loss / window_n, "val_loss": val_metrics["loss"],
                    "val_accuracy": val_metrics["accuracy"], "lr": sched.get_last_lr()[0]}
             history.append(row)
@@ -219,7 +264,7 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         for name, p in model.trainable_parameters().items():
             p.copy_(best["state"][name])
     model.eval()
-    final = (evaluate(model, val, cfg.eval_batch_size) if val_check is not val
+    final = (_loss_accuracy(texts.eval_margins(model, val_rows, cfg.eval_batch_size)) if check_rows is not val_rows
              else {"loss": best["val_loss"], "accuracy": best["val_accuracy"]})  # the whole val set
     metrics = {"best_val_accuracy": best["val_accuracy"], "best_step": best["step"], "steps": step,
                "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_pairs": len(val),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from reward_service.mole import MoLEConfig
 from reward_service.reward_model import RewardModel, RewardModelConfig
-from reward_service.training import RM_PROFILES, PreferenceExample, train_reward_model
+from reward_service.training import RM_PROFILES, PreferenceExample, pair_margins, train_reward_model
 
 D_USER = 16
 PROMPTS = ["How do I bake bread?", "Explain orbits.", "What is jazz?"]
@@ -139,6 +140,46 @@ def test_decoder_backbone_last_token_pooling(llama_dir):
         torch.testing.assert_close(model(**left, user_emb=users), model(**right, user_emb=users), atol=1e-4, rtol=1e-4)
 
 
+def test_frozen_prefix_path_equals_full_forward():
+    """Encoding the unadapted bottom blocks once and running only the top ones gives the full forward's scores."""
+    model = randomize(RewardModel(RewardModelConfig(max_length=48, device="cpu", dtype="float32", mole=MoLEConfig(
+        user_dim=D_USER, num_experts=4, rank=4, target_modules=("query", "value", "output.dense"), last_n_layers=2))))
+    assert model.frozen_blocks == 4
+    users = torch.randn(len(PROMPTS), D_USER)
+    with torch.no_grad():
+        full = model(**model.tokenize(PROMPTS, RESPONSES), user_emb=users)
+        states = model.encode_frozen(PROMPTS, RESPONSES, batch_size=2)
+        cached = model.forward_frozen(states, users)
+    assert [s.shape[0] for s in states] == model.tokenize(PROMPTS, RESPONSES)["attention_mask"].sum(1).tolist()
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_prefix_on_a_decoder_ignores_the_padding_side(llama_dir):
+    model = randomize(RewardModel(RewardModelConfig(backbone=llama_dir, max_length=48, device="cpu", dtype="float32",
+                                                    mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4,
+                                                                    last_n_layers=1))))
+    assert model.frozen_blocks == 1
+    users = torch.randn(len(PROMPTS), D_USER)
+    with torch.no_grad():
+        full = model(**model.tokenize(PROMPTS, RESPONSES, padding_side="right"), user_emb=users)
+        right = model.encode_frozen(PROMPTS, RESPONSES)
+        model.tokenizer.padding_side = "left"
+        try:
+            left = model.encode_frozen(PROMPTS, RESPONSES)
+        finally:
+            model.tokenizer.padding_side = "right"
+        cached = model.forward_frozen(left, users)
+    for a, b in zip(left, right):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_every_block_adapted_has_no_frozen_prefix(mole_model):
+    assert mole_model.frozen_blocks == 0
+    with pytest.raises(ValueError, match="no frozen prefix"):
+        mole_model.encode_frozen(PROMPTS, RESPONSES)
+
+
 def toy_data(n_users: int, pairs: int, seed: int) -> list[PreferenceExample]:
     """Two user types with opposite tastes: type 0 prefers the cue 'briefly', type 1 the cue 'in detail'."""
     d = RM_PROFILES["tiny"].model.mole.user_dim
@@ -165,6 +206,29 @@ def test_training_learns_opposite_tastes_and_writes_curve(tmp_path):
     assert reports and {"step", "train_loss", "val_loss", "val_accuracy", "lr"} <= set(reports[0])
     assert (tmp_path / "reward_training_curve.png").stat().st_size > 1000
     assert metrics["best_val_accuracy"] >= 0.9, metrics["history"]
+
+
+def test_training_on_frozen_states_matches_full_forwards():
+    """The cached path (default) and the whole-backbone path (frozen_cache_gb=0) train the same model, once the
+    frozen blocks' dropout (which the cached states, computed once in eval mode, cannot have) is off."""
+    prof = RM_PROFILES["tiny"]
+    cfg = replace(prof.train, max_steps=6, eval_every=3, patience=10)
+    runs, val = [], toy_data(2, 4, 1)
+    for cache_gb in (4.0, 0.0):
+        model = RewardModel(replace(prof.model, dtype="float32"))  # exact math: bf16 would round the two differently
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        assert model.frozen_blocks == 4
+        metrics = train_reward_model(model, toy_data(4, 6, 0), val, replace(cfg, frozen_cache_gb=cache_gb),
+                                     progress=False)
+        runs.append((metrics["history"], pair_margins(model, val)))
+    (cached_hist, cached_margins), (full_hist, full_margins) = runs
+    for a, b in zip(cached_hist, full_hist):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    # margins, not weights: the head bias cancels in every margin, so Adam walks it on rounding noise alone
+    torch.testing.assert_close(cached_margins, full_margins, atol=1e-4, rtol=1e-3)
 
 
 def test_training_rejects_mismatched_examples():
