@@ -131,11 +131,15 @@ class _PairTexts:
         return chosen - rejected
 
     @torch.no_grad()
-    def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int) -> torch.Tensor:
-        """Margins (N,) on the CPU in eval mode (no gate noise, no dropout)."""
+    def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int, bar: tqdm | None = None) -> torch.Tensor:
+        """Margins (N,) on the CPU in eval mode (no gate noise, no dropout); `bar` advances by pairs."""
         was_training = model.training
         model.eval()
-        out = [self.margins(model, rows[i:i + batch_size]).float().cpu() for i in range(0, len(rows), batch_size)]
+        out = []
+        for i in range(0, len(rows), batch_size):
+            out.append(self.margins(model, rows[i:i + batch_size]).float().cpu())
+            if bar is not None:
+                bar.update(len(out[-1]))
         model.train(was_training)
         return torch.cat(out)
 
@@ -175,8 +179,8 @@ def pair_margins(model: RewardModel, examples: Sequence[PreferenceExample], batc
     with tqdm(total=len(examples), desc="score", unit="pair", disable=not progress, leave=False) as bar:
         for start in range(0, len(examples), chunk):
             part = examples[start:start + chunk]
-            margins.append(_PairTexts(model, part, math.inf, batch_size).eval_margins(model, range(len(part)), batch_size))
-            bar.update(len(part))
+            texts = _PairTexts(model, part, math.inf, batch_size)
+            margins.append(texts.eval_margins(model, range(len(part)), batch_size, bar))
     return torch.cat(margins)
 
 
