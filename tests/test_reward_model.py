@@ -129,12 +129,8 @@ def test_decoder_backbone_last_token_pooling(llama_dir):
     mixed, single = mixed_vs_single(model)
     torch.testing.assert_close(mixed, single, atol=1e-4, rtol=1e-4)
     users = torch.randn(len(PROMPTS), D_USER)
-    right = model.tokenize(PROMPTS, RESPONSES)
-    model.tokenizer.padding_side = "left"
-    try:
-        left = model.tokenize(PROMPTS, RESPONSES)
-    finally:
-        model.tokenizer.padding_side = "right"
+    right = model.tokenize(PROMPTS, RESPONSES, padding_side="right")
+    left = model.tokenize(PROMPTS, RESPONSES, padding_side="left")
     assert not torch.equal(left["attention_mask"], right["attention_mask"])
     with torch.no_grad():  # the same last real token whichever side the padding is on (causal attention)
         torch.testing.assert_close(model(**left, user_emb=users), model(**right, user_emb=users), atol=1e-4, rtol=1e-4)
