@@ -61,6 +61,10 @@ class RewardModelConfig:
             raise ValueError("max_length must be >= 2")
 
 
+class FrozenPrefixUnsupported(ValueError):
+    """This backbone's blocks cannot be cached (they return tuples, not a hidden-state tensor)."""
+
+
 class _PassThrough(nn.Module):
     """Stands in for a transformer block: hands the hidden states on unchanged."""
 
@@ -179,8 +183,8 @@ class RewardModel(nn.Module):
                     captured.clear()
                     self.backbone(**enc)
                     if not isinstance(captured[0], torch.Tensor):
-                        raise ValueError(f"{self.cfg.backbone}: blocks return {type(captured[0]).__name__}, "
-                                         "not a tensor; cannot cache the frozen prefix")
+                        raise FrozenPrefixUnsupported(f"{self.cfg.backbone}: blocks return "
+                                                      f"{type(captured[0]).__name__}, not a tensor")
                     mask = enc["attention_mask"].bool()
                     states += [h[m] for h, m in zip(captured[0], mask)]
         finally:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reward_service.mole import MoLEConfig
-from reward_service.reward_model import RewardModel, RewardModelConfig
+from reward_service.reward_model import FrozenPrefixUnsupported, RewardModel, RewardModelConfig
 
 
 class PreferenceExample(NamedTuple):
@@ -114,9 +114,13 @@ class _PairTexts:
         self.rejected = [index.setdefault((ex.prompt, ex.rejected), len(index)) for ex in examples]
         self.texts = list(index)
         self.users = torch.stack([ex.user_emb for ex in examples]) if model.personalized else None  # (N, d_user)
-        frozen = model.frozen_blocks > 0 and frozen_states_bytes(model, len(self.texts)) <= max_frozen_bytes
-        self.states = (model.encode_frozen([p for p, _ in self.texts], [r for _, r in self.texts], batch_size,
-                                           progress=progress) if frozen else None)
+        self.states = None
+        if model.frozen_blocks > 0 and frozen_states_bytes(model, len(self.texts)) <= max_frozen_bytes:
+            try:
+                self.states = model.encode_frozen([p for p, _ in self.texts], [r for _, r in self.texts],
+                                                  batch_size, progress=progress)
+            except FrozenPrefixUnsupported:
+                pass  # an optimization only: every pass runs the whole backbone instead
 
     def margins(self, model: RewardModel, rows: Sequence[int]) -> torch.Tensor:
         """r(chosen) - r(rejected) (B,) for the examples at `rows`; chosen and rejected run in one pass."""
