@@ -70,14 +70,16 @@ def ingest(
     files: Annotated[list[Path], typer.Argument(help="JSONL preference files")],
     db: DbOption = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="load the good lines, report the bad ones")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="records per transaction")] = 10_000,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="records per transaction [default: 100000]")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ):
     """Load preference records idempotently (the same record twice is stored once)."""
     from graph_service.ingest import InvalidInput, ingest_files
+    from graph_service.store import DEFAULT_BATCH_SIZE
     store = _store(db)
     try:
-        report = ingest_files(store, files, skip_invalid=skip_invalid, batch_size=batch_size, progress=progress)
+        report = ingest_files(store, files, skip_invalid=skip_invalid, batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                              progress=progress)
     except FileNotFoundError as exc:
         _fail(str(exc))
     except InvalidInput as exc:

@@ -28,7 +28,10 @@ from graph_service.schema import Preference, Prompt, Response, User
 if TYPE_CHECKING:
     from graph_service.snapshot import GraphSnapshot
 
-DEFAULT_BATCH_SIZE = 10_000
+# Records per transaction. Keys are random hashes, so every batch dirties pages all over four B-trees, and each
+# commit writes them to the WAL: 1M records into SQLite took 51 s in batches of 10k, 34 s in batches of 100k
+# (peak RSS 0.17 -> 0.33 GB). An interrupted ingest still loses nothing: a re-run stores the missing batches.
+DEFAULT_BATCH_SIZE = 100_000
 _PREFERENCE_COLUMNS = ("id", "user_id", "prompt_id", "chosen_id", "rejected_id", "controversial", "created_at")
 
 
@@ -104,7 +107,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     _enable_wal(cur)                            # readers never block the writer
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA cache_size=-65536")      # 64 MiB: random-key index inserts thrash the 2 MiB default
+    cur.execute("PRAGMA cache_size=-262144")     # 256 MiB, allocated as used: random-key inserts thrash small caches
+    # (1M records: 34 s at 64 MiB, 29 s at 256 MiB; the 2 MiB default is far slower)
     cur.close()
 
 
