@@ -49,3 +49,14 @@ def test_training_on_cuda_learns_opposite_tastes():
     model = RewardModel(prof.model)  # device auto -> cuda
     metrics = train_reward_model(model, toy_data(8, 8, seed=1), toy_data(4, 8, seed=2), prof.train, progress=False)
     assert metrics["best_val_accuracy"] >= 0.9
+
+
+def test_frozen_prefix_path_on_cuda_matches_the_full_forward():
+    model = randomize(RewardModel(RewardModelConfig(max_length=48, mole=MoLEConfig(
+        user_dim=D_USER, num_experts=4, rank=4, target_modules=("query", "value", "output.dense"), last_n_layers=2))))
+    assert model.frozen_blocks == 4 and model.dtype == torch.bfloat16
+    users = torch.randn(len(PROMPTS), D_USER)
+    with torch.no_grad():
+        full = model(**model.tokenize(PROMPTS, RESPONSES), user_emb=users).cpu()
+        cached = model.forward_frozen(model.encode_frozen(PROMPTS, RESPONSES), users).cpu()
+    torch.testing.assert_close(cached, full, atol=2e-2 * max(1.0, float(full.abs().max())), rtol=2e-2)
