@@ -163,12 +163,18 @@ class PreferenceStore:
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade the schema (a no-op when it is current)."""
+        if revision == "head" and self.schema_revision() == self._head_revision():
+            return  # the common case: opening a current store takes no write lock
         with self._writing() as conn:
             command.upgrade(self._alembic_config(conn), revision)
 
     def downgrade(self, revision: str) -> None:
         with self._writing() as conn:
             command.downgrade(self._alembic_config(conn), revision)
+
+    def _head_revision(self) -> str | None:
+        from alembic.script import ScriptDirectory
+        return ScriptDirectory.from_config(self._alembic_config(None)).get_current_head()
 
     def schema_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
