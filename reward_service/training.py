@@ -71,8 +71,8 @@ class RMProfile:
 # max_length 96 covers 97% of synthetic uf-p inputs (32 cut the response cues off). Targets add the attention
 # and FFN outputs ("output.dense" matches both) to peft's query/value: on uf-p-4 the attribute cues are linearly
 # readable at block 4 but much less so after block 6 (probe), so the top blocks need room to keep them.
-# lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave seen accuracy 0.887/0.770/0.952 over three
-# seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.912 at 5e-4; 500 steps at 1e-3 gave 0.957. 400 steps fit the
+# lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over three
+# seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.913 at 5e-4; 500 steps at 1e-3 gave 0.957. 400 steps fit the
 # 15-minute budget with room: the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
 # user_dim is the GNN width; callers set it to the GNN they pair with.
 _TARGETS = ("query", "value", "output.dense")
