@@ -194,6 +194,8 @@ class RewardModel(nn.Module):
 
     def forward_frozen(self, states: Sequence[torch.Tensor], user_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) from `encode_frozen` outputs: runs only the adapted blocks, pooling and head."""
+        if self.frozen_blocks == 0:
+            raise ValueError("every block carries adapters: there is no frozen prefix to start from")
         self._check_user_emb(user_emb, len(states))
         hidden = torch.nn.utils.rnn.pad_sequence(list(states), batch_first=True)  # (B, T, d), right padding
         lengths = torch.tensor([h.shape[0] for h in states], device=hidden.device)  # (B,)

@@ -174,6 +174,8 @@ def test_every_block_adapted_has_no_frozen_prefix(mole_model):
     assert mole_model.frozen_blocks == 0
     with pytest.raises(ValueError, match="no frozen prefix"):
         mole_model.encode_frozen(PROMPTS, RESPONSES)
+    with pytest.raises(ValueError, match="no frozen prefix"):
+        mole_model.forward_frozen([torch.zeros(3, mole_model.backbone.config.hidden_size)])
 
 
 def toy_data(n_users: int, pairs: int, seed: int) -> list[PreferenceExample]:
