@@ -103,7 +103,6 @@ def _enable_wal(cursor, wait_s: float = 60.0) -> None:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA busy_timeout=60000")    # concurrent ingesters wait instead of failing
     _enable_wal(cur)                            # readers never block the writer
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at checkpoints; safe with WAL
     cur.execute("PRAGMA foreign_keys=ON")
@@ -117,7 +116,7 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60})
+        engine = create_engine(url, connect_args={"timeout": 60})  # busy timeout: concurrent writers wait
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if url.startswith("postgresql://"):
