@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63opl/v1/common.proto\x12\x07\x63opl.v1\"B\n\x0ePreferencePair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\"\x14\n\x12ReleaseInfoRequest\"\x87\x01\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\r\x12\x11\n\tnum_users\x18\x05 \x01(\r\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\t*Z\n\x0f\x45mbeddingSource\x12 \n\x1c\x45MBEDDING_SOURCE_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINED\x10\x01\x12\x0b\n\x07\x41\x44\x41PTED\x10\x02\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63opl/v1/common.proto\x12\x07\x63opl.v1\"B\n\x0ePreferencePair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\t\"\x14\n\x12ReleaseInfoRequest\"\xbb\x01\n\x0bReleaseInfo\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x03 \x01(\t\x12\x15\n\rembedding_dim\x18\x04 \x01(\r\x12\x11\n\tnum_users\x18\x05 \x01(\r\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\t\x12\x15\n\rsnapshot_time\x18\x07 \x01(\t\x12\x1b\n\x13serving_release_ids\x18\x08 \x03(\t\"#\n\rReloadRequest\x12\x12\n\nrelease_id\x18\x01 \x01(\t\"R\n\x0eReloadResponse\x12\x12\n\nrelease_id\x18\x01 \x01(\t\x12\x0f\n\x07swapped\x18\x02 \x01(\x08\x12\x1b\n\x13previous_release_id\x18\x03 \x01(\t*Z\n\x0f\x45mbeddingSource\x12 \n\x1c\x45MBEDDING_SOURCE_UNSPECIFIED\x10\x00\x12\x0b\n\x07TRAINED\x10\x01\x12\x0b\n\x07\x41\x44\x41PTED\x10\x02\x12\x0b\n\x07\x44\x45\x46\x41ULT\x10\x03\x32I\n\x0c\x41\x64minService\x12\x39\n\x06Reload\x12\x16.copl.v1.ReloadRequest\x1a\x17.copl.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'copl.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMBEDDINGSOURCE']._serialized_start=261
-  _globals['_EMBEDDINGSOURCE']._serialized_end=351
+  _globals['_EMBEDDINGSOURCE']._serialized_start=434
+  _globals['_EMBEDDINGSOURCE']._serialized_end=524
   _globals['_PREFERENCEPAIR']._serialized_start=33
   _globals['_PREFERENCEPAIR']._serialized_end=99
   _globals['_RELEASEINFOREQUEST']._serialized_start=101
   _globals['_RELEASEINFOREQUEST']._serialized_end=121
   _globals['_RELEASEINFO']._serialized_start=124
-  _globals['_RELEASEINFO']._serialized_end=259
+  _globals['_RELEASEINFO']._serialized_end=311
+  _globals['_RELOADREQUEST']._serialized_start=313
+  _globals['_RELOADREQUEST']._serialized_end=348
+  _globals['_RELOADRESPONSE']._serialized_start=350
+  _globals['_RELOADRESPONSE']._serialized_end=432
+  _globals['_ADMINSERVICE']._serialized_start=526
+  _globals['_ADMINSERVICE']._serialized_end=599
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from copl.v1 import common_pb2 as copl_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,81 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class AdminServiceStub:
+    """Admin calls (write token required), served by both services.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Reload = channel.unary_unary(
+                '/copl.v1.AdminService/Reload',
+                request_serializer=copl_dot_v1_dot_common__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=copl_dot_v1_dot_common__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServiceServicer:
+    """Admin calls (write token required), served by both services.
+    """
+
+    def Reload(self, request, context):
+        """Look at the registry now instead of waiting for the next poll: load, validate and warm the release
+        the registry's CURRENT pointer names (or `release_id`), then swap it in. In-flight calls finish on the
+        release they started with; a release that fails validation is refused and the old one keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=copl_dot_v1_dot_common__pb2.ReloadRequest.FromString,
+                    response_serializer=copl_dot_v1_dot_common__pb2.ReloadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'copl.v1.AdminService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('copl.v1.AdminService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdminService:
+    """Admin calls (write token required), served by both services.
+    """
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/copl.v1.AdminService/Reload',
+            copl_dot_v1_dot_common__pb2.ReloadRequest.SerializeToString,
+            copl_dot_v1_dot_common__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

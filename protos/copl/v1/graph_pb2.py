@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from copl.v1 import common_pb2 as copl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63opl/v1/graph.proto\x12\x07\x63opl.v1\x1a\x14\x63opl/v1/common.proto\"\xa6\x01\n\x10PreferenceRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\t\x12\x10\n\x08rejected\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12\x1a\n\rcontroversial\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\x07 \x01(\tB\x10\n\x0e_controversial\"C\n\x15\x41\x64\x64PreferencesRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.copl.v1.PreferenceRecord\">\n\x16\x41\x64\x64PreferencesResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"F\n\tUserQuery\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x17.copl.v1.PreferencePair\"<\n\x17GetUserEmbeddingRequest\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.copl.v1.UserQuery\"Z\n\rUserEmbedding\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12(\n\x06source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\"Z\n\x18GetUserEmbeddingResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.copl.v1.UserEmbedding\x12\x12\n\nrelease_id\x18\x02 \x01(\t2\xff\x01\n\x0cGraphService\x12Q\n\x0e\x41\x64\x64Preferences\x12\x1e.copl.v1.AddPreferencesRequest\x1a\x1f.copl.v1.AddPreferencesResponse\x12W\n\x10GetUserEmbedding\x12 .copl.v1.GetUserEmbeddingRequest\x1a!.copl.v1.GetUserEmbeddingResponse\x12\x43\n\x0eGetReleaseInfo\x12\x1b.copl.v1.ReleaseInfoRequest\x1a\x14.copl.v1.ReleaseInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x63opl/v1/graph.proto\x12\x07\x63opl.v1\x1a\x14\x63opl/v1/common.proto\"\xa6\x01\n\x10PreferenceRecord\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\t\x12\x10\n\x08rejected\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12\x1a\n\rcontroversial\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\x07 \x01(\tB\x10\n\x0e_controversial\"Y\n\x15\x41\x64\x64PreferencesRequest\x12*\n\x07records\x18\x01 \x03(\x0b\x32\x19.copl.v1.PreferenceRecord\x12\x14\n\x0cskip_invalid\x18\x02 \x01(\x08\"/\n\x0eRejectedRecord\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"i\n\x16\x41\x64\x64PreferencesResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12)\n\x08rejected\x18\x03 \x03(\x0b\x32\x17.copl.v1.RejectedRecord\"F\n\tUserQuery\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12(\n\x07\x63ontext\x18\x02 \x03(\x0b\x32\x17.copl.v1.PreferencePair\"g\n\x17GetUserEmbeddingRequest\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.copl.v1.UserQuery\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x15\n\rrequire_known\x18\x03 \x01(\x08\"Z\n\rUserEmbedding\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12(\n\x06source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\"Z\n\x18GetUserEmbeddingResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.copl.v1.UserEmbedding\x12\x12\n\nrelease_id\x18\x02 \x01(\t2\xff\x01\n\x0cGraphService\x12Q\n\x0e\x41\x64\x64Preferences\x12\x1e.copl.v1.AddPreferencesRequest\x1a\x1f.copl.v1.AddPreferencesResponse\x12W\n\x10GetUserEmbedding\x12 .copl.v1.GetUserEmbeddingRequest\x1a!.copl.v1.GetUserEmbeddingResponse\x12\x43\n\x0eGetReleaseInfo\x12\x1b.copl.v1.ReleaseInfoRequest\x1a\x14.copl.v1.ReleaseInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFERENCERECORD']._serialized_start=55
   _globals['_PREFERENCERECORD']._serialized_end=221
   _globals['_ADDPREFERENCESREQUEST']._serialized_start=223
-  _globals['_ADDPREFERENCESREQUEST']._serialized_end=290
-  _globals['_ADDPREFERENCESRESPONSE']._serialized_start=292
-  _globals['_ADDPREFERENCESRESPONSE']._serialized_end=354
-  _globals['_USERQUERY']._serialized_start=356
-  _globals['_USERQUERY']._serialized_end=426
-  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_start=428
-  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_end=488
-  _globals['_USEREMBEDDING']._serialized_start=490
-  _globals['_USEREMBEDDING']._serialized_end=580
-  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_start=582
-  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_end=672
-  _globals['_GRAPHSERVICE']._serialized_start=675
-  _globals['_GRAPHSERVICE']._serialized_end=930
+  _globals['_ADDPREFERENCESREQUEST']._serialized_end=312
+  _globals['_REJECTEDRECORD']._serialized_start=314
+  _globals['_REJECTEDRECORD']._serialized_end=361
+  _globals['_ADDPREFERENCESRESPONSE']._serialized_start=363
+  _globals['_ADDPREFERENCESRESPONSE']._serialized_end=468
+  _globals['_USERQUERY']._serialized_start=470
+  _globals['_USERQUERY']._serialized_end=540
+  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_start=542
+  _globals['_GETUSEREMBEDDINGREQUEST']._serialized_end=645
+  _globals['_USEREMBEDDING']._serialized_start=647
+  _globals['_USEREMBEDDING']._serialized_end=737
+  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_start=739
+  _globals['_GETUSEREMBEDDINGRESPONSE']._serialized_end=829
+  _globals['_GRAPHSERVICE']._serialized_start=832
+  _globals['_GRAPHSERVICE']._serialized_end=1087
 # @@protoc_insertion_point(module_scope)

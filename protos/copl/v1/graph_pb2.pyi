@@ -26,18 +26,30 @@ class PreferenceRecord(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chosen: _Optional[str] = ..., rejected: _Optional[str] = ..., group: _Optional[str] = ..., controversial: _Optional[bool] = ..., created_at: _Optional[str] = ...) -> None: ...
 
 class AddPreferencesRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "skip_invalid")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_INVALID_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[PreferenceRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[PreferenceRecord, _Mapping]]] = ...) -> None: ...
+    skip_invalid: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[PreferenceRecord, _Mapping]]] = ..., skip_invalid: _Optional[bool] = ...) -> None: ...
+
+class RejectedRecord(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AddPreferencesResponse(_message.Message):
-    __slots__ = ("inserted", "duplicates")
+    __slots__ = ("inserted", "duplicates", "rejected")
     INSERTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     inserted: int
     duplicates: int
-    def __init__(self, inserted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedRecord]
+    def __init__(self, inserted: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedRecord, _Mapping]]] = ...) -> None: ...
 
 class UserQuery(_message.Message):
     __slots__ = ("user_id", "context")
@@ -48,10 +60,14 @@ class UserQuery(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., context: _Optional[_Iterable[_Union[_common_pb2.PreferencePair, _Mapping]]] = ...) -> None: ...
 
 class GetUserEmbeddingRequest(_message.Message):
-    __slots__ = ("users",)
+    __slots__ = ("users", "release_id", "require_known")
     USERS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_KNOWN_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedCompositeFieldContainer[UserQuery]
-    def __init__(self, users: _Optional[_Iterable[_Union[UserQuery, _Mapping]]] = ...) -> None: ...
+    release_id: str
+    require_known: bool
+    def __init__(self, users: _Optional[_Iterable[_Union[UserQuery, _Mapping]]] = ..., release_id: _Optional[str] = ..., require_known: _Optional[bool] = ...) -> None: ...
 
 class UserEmbedding(_message.Message):
     __slots__ = ("user_id", "vector", "source")

@@ -58,7 +58,9 @@ class GraphServiceServicer:
     """
 
     def AddPreferences(self, request, context):
-        """Idempotent: a record stored before is counted as a duplicate. Requires a write token.
+        """Idempotent: a record stored before is counted as a duplicate. Requires a write token. All or nothing:
+        a request with an invalid record stores none of its records (INVALID_ARGUMENT, one BadRequest field
+        violation per record), unless skip_invalid, which stores the valid ones and lists the rest in `rejected`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from copl.v1 import common_pb2 as copl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63opl/v1/reward.proto\x12\x07\x63opl.v1\x1a\x14\x63opl/v1/common.proto\"b\n\x12UserEmbeddingInput\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12(\n\x06source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\"\x92\x01\n\x0cScoreRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.copl.v1.UserEmbeddingInputH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x06\n\x04user\"{\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x32\n\x10\x65mbedding_source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\xe0\x01\n\rRewardService\x12?\n\x0eScoreResponses\x12\x15.copl.v1.ScoreRequest\x1a\x16.copl.v1.ScoreResponse\x12I\n\x14ScoreResponsesStream\x12\x15.copl.v1.ScoreRequest\x1a\x16.copl.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0eGetReleaseInfo\x12\x1b.copl.v1.ReleaseInfoRequest\x1a\x14.copl.v1.ReleaseInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63opl/v1/reward.proto\x12\x07\x63opl.v1\x1a\x14\x63opl/v1/common.proto\"b\n\x12UserEmbeddingInput\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12(\n\x06source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\"\xd3\x01\n\x0cScoreRequest\x12\x11\n\x07user_id\x18\x01 \x01(\tH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.copl.v1.UserEmbeddingInputH\x00\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x11\n\tresponses\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x07\x63ontext\x18\x06 \x03(\x0b\x32\x17.copl.v1.PreferencePair\x12\x15\n\rrequire_known\x18\x07 \x01(\x08\x42\x06\n\x04user\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x32\n\x10\x65mbedding_source\x18\x03 \x01(\x0e\x32\x18.copl.v1.EmbeddingSource\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.copl.v1.ItemError2\xe0\x01\n\rRewardService\x12?\n\x0eScoreResponses\x12\x15.copl.v1.ScoreRequest\x1a\x16.copl.v1.ScoreResponse\x12I\n\x14ScoreResponsesStream\x12\x15.copl.v1.ScoreRequest\x1a\x16.copl.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0eGetReleaseInfo\x12\x1b.copl.v1.ReleaseInfoRequest\x1a\x14.copl.v1.ReleaseInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USEREMBEDDINGINPUT']._serialized_start=55
   _globals['_USEREMBEDDINGINPUT']._serialized_end=153
   _globals['_SCOREREQUEST']._serialized_start=156
-  _globals['_SCOREREQUEST']._serialized_end=302
-  _globals['_SCORERESPONSE']._serialized_start=304
-  _globals['_SCORERESPONSE']._serialized_end=427
-  _globals['_REWARDSERVICE']._serialized_start=430
-  _globals['_REWARDSERVICE']._serialized_end=654
+  _globals['_SCOREREQUEST']._serialized_end=367
+  _globals['_ITEMERROR']._serialized_start=369
+  _globals['_ITEMERROR']._serialized_end=411
+  _globals['_SCORERESPONSE']._serialized_start=414
+  _globals['_SCORERESPONSE']._serialized_end=572
+  _globals['_REWARDSERVICE']._serialized_start=575
+  _globals['_REWARDSERVICE']._serialized_end=799
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,9 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreResponsesStream(self, request_iterator, context):
-        """For batch jobs: one response message per request message, in order.
+        """For batch jobs: one response message per request message, in order. An item that is invalid on its
+        own (empty text, unknown user where asked) gets a reply with `error` set and the stream goes on;
+        a failure of the whole call (no release, bad token) ends the stream with its status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
