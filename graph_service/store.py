@@ -59,22 +59,38 @@ def _sqlite_time(ts: datetime) -> str:
     return ts.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-def _write_sqlite(cursor, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
-    """executemany of INSERT ... ON CONFLICT DO NOTHING; returns the rows actually inserted."""
+# A user's row keeps the earliest created_at of their preferences and the last non-null group label
+# ingested (a later batch may label a user first, or relabel them); written only when that changes it.
+_USER_UPSERT = {
+    "sqlite": '(id) DO UPDATE SET "group" = coalesce(excluded."group", users."group"), '
+              'created_at = min(users.created_at, excluded.created_at) '
+              'WHERE excluded.created_at < users.created_at '
+              'OR (excluded."group" IS NOT NULL AND excluded."group" IS NOT users."group")',
+    "postgresql": '(id) DO UPDATE SET "group" = COALESCE(EXCLUDED."group", users."group"), '
+                  'created_at = LEAST(users.created_at, EXCLUDED.created_at) '
+                  'WHERE EXCLUDED.created_at < users.created_at '
+                  'OR (EXCLUDED."group" IS NOT NULL AND EXCLUDED."group" IS DISTINCT FROM users."group")',
+}
+
+
+def _write_sqlite(cursor, table: str, columns: tuple[str, ...], rows: list[tuple], conflict: str | None) -> int:
+    """executemany of INSERT ... ON CONFLICT DO NOTHING (or `conflict`); returns the rows written."""
     if "created_at" in columns:
         at = columns.index("created_at")
         texts = {ts: _sqlite_time(ts) for ts in {row[at] for row in rows}}  # a batch shares few times
         rows = [row[:at] + (texts[row[at]],) + row[at + 1:] for row in rows]
     names = ", ".join(f'"{c}"' for c in columns)
     marks = ", ".join("?" * len(columns))
-    cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows)
+    cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT {conflict or 'DO NOTHING'}", rows)
     return cursor.rowcount
 
 
-def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tuple]) -> int:
-    """COPY into a temporary table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING.
+def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tuple], conflict: str | None) -> int:
+    """COPY into a temporary table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING (or `conflict`).
 
     COPY is PostgreSQL's fast bulk path; the final INSERT's rowcount is the exact number inserted.
+    An upsert locks the rows it updates, so it takes them in key order: concurrent ingesters then
+    cannot deadlock on each other's users.
     """
     names = ", ".join(f'"{c}"' for c in columns)
     staging = f"_ingest_{table}"
@@ -83,7 +99,9 @@ def _write_postgres(cursor, table: str, columns: tuple[str, ...], rows: list[tup
     with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} ON CONFLICT DO NOTHING")
+    order = " ORDER BY id" if conflict else ""
+    cursor.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging}{order} "
+                   f"ON CONFLICT {conflict or 'DO NOTHING'}")
     return cursor.rowcount
 
 
@@ -211,19 +229,22 @@ class PreferenceStore:
             responses[c] = r.chosen
             responses[j] = r.rejected
             u = users.get(r.user_id)
-            if u is None or ts < u[2]:
-                users[r.user_id] = (r.user_id, r.group if u is None else u[1], ts)
+            if u is None:
+                users[r.user_id] = (r.user_id, r.group, ts)
+            elif ts < u[2] or (r.group is not None and r.group != u[1]):
+                users[r.user_id] = (r.user_id, u[1] if r.group is None else r.group, min(ts, u[2]))
             pid = preference_id(r.user_id, p, c, j)
             prefs[pid] = (pid, r.user_id, p, c, j, r.controversial, ts)
+        dialect = self.engine.dialect.name
         tables = (
-            ("users", ("id", "group", "created_at"), list(users.values())),
-            ("prompts", ("id", "text"), list(prompts.items())),
-            ("responses", ("id", "text"), list(responses.items())),
-            ("preferences", _PREFERENCE_COLUMNS, list(prefs.values())),
+            ("users", ("id", "group", "created_at"), list(users.values()), _USER_UPSERT[dialect]),
+            ("prompts", ("id", "text"), list(prompts.items()), None),
+            ("responses", ("id", "text"), list(responses.items()), None),
+            ("preferences", _PREFERENCE_COLUMNS, list(prefs.values()), None),
         )
         with self._writing() as conn:
             cursor = conn.connection.cursor()
-            write = _write_postgres if self.engine.dialect.name == "postgresql" else _write_sqlite
+            write = _write_postgres if dialect == "postgresql" else _write_sqlite
             inserted = [write(cursor, *table) for table in tables][-1]
         return IngestResult(inserted=inserted, duplicates=len(batch) - inserted)
 
@@ -283,14 +304,17 @@ class PreferenceStore:
                                  snapshot_time=until)
         return snapshot, ([tuple(row[3:]) for row in rows] if with_texts else None)
 
-    def pairs_of(self, user_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
-        """(chosen_id, rejected_id) pairs of each given user, in a stable order."""
+    def pairs_of(self, user_ids: Sequence[str], until: datetime | None = None) -> dict[str, list[tuple[str, str]]]:
+        """(chosen_id, rejected_id) pairs of each given user created up to `until` (all when None),
+        in a stable order."""
         t = Preference.__table__
         out: dict[str, list[tuple[str, str]]] = {u: [] for u in user_ids}
         with self.engine.connect() as conn:
             for start in range(0, len(user_ids), 1000):  # bounded IN lists
                 chunk = list(user_ids[start:start + 1000])
-                for u, c, r in conn.execute(select(t.c.user_id, t.c.chosen_id, t.c.rejected_id)
-                                            .where(t.c.user_id.in_(chunk)).order_by(t.c.id)):
+                query = select(t.c.user_id, t.c.chosen_id, t.c.rejected_id).where(t.c.user_id.in_(chunk))
+                if until is not None:
+                    query = query.where(t.c.created_at <= until.astimezone(timezone.utc))
+                for u, c, r in conn.execute(query.order_by(t.c.id)):
                     out[u].append((c, r))
         return out
