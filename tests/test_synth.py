@@ -9,11 +9,10 @@ from scipy.sparse import vstack
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from copl_common.settings import LIMITS
+from graph_service.records import parse_record
 from trainer.synth import (
     ATTRIBUTES,
-    MAX_PROMPT_CHARS,
-    MAX_RESPONSE_CHARS,
-    MAX_USER_ID_CHARS,
     SynthConfig,
     generate,
     majority_bound,
@@ -71,8 +70,8 @@ def test_dataset_statistics(dataset):
     assert not held_out_texts & train_texts  # no whole string to memorise
 
     for r in every:
-        assert len(r["prompt"]) <= MAX_PROMPT_CHARS and len(r["user_id"]) <= MAX_USER_ID_CHARS
-        assert len(r["chosen"]) <= MAX_RESPONSE_CHARS and len(r["rejected"]) <= MAX_RESPONSE_CHARS
+        assert len(r["prompt"]) <= LIMITS.max_prompt_chars and len(r["chosen"]) <= LIMITS.max_response_chars
+        parse_record(r)  # what the ingester accepts
 
 
 def test_majority_bound_is_below_one_for_controversial_data(dataset):
@@ -152,11 +151,40 @@ def test_majority_bound_and_users_per_response_by_hand():
         ({"responses_per_prompt": 1}, "responses_per_prompt"),
         ({"test_pairs_per_user": 0}, "test_pairs_per_user"),
         ({"prompts": 1}, "prompts"),
+        ({"non_controversial_fraction": 1.0}, "non_controversial_fraction"),
+        ({"users": 300_000}, "the prompt grammar makes only 96,000: uf-p-4 allows at most 288,000 users"),
+        ({"preset": "uf-p-2", "users": 600_000}, "uf-p-2 allows at most 576,000 users"),
+        ({"users": 1000, "prompts": 100_000}, "lower prompts"),
     ],
 )
 def test_bad_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SynthConfig(**kwargs)
+
+
+def test_the_largest_dataset_the_grammar_allows_is_accepted():
+    SynthConfig(users=288_000)
+    SynthConfig(preset="uf-p-2", users=576_000)
+
+
+def test_a_share_of_non_controversial_pairs():
+    data = generate(SynthConfig(preset="uf-p-4", users=40, seed=3, non_controversial_fraction=0.25))
+    levels = {(r["prompt"], r["text"]): r["levels"] for r in data.responses}
+    every = data.train_seen + data.train_unseen + data.test
+    for r in every:
+        chosen, rejected = levels[(r["prompt"], r["chosen"])], levels[(r["prompt"], r["rejected"])]
+        assert chosen[r["group"]] > rejected[r["group"]]
+        disagree = any(chosen[t] < rejected[t] for t in ATTRIBUTES)  # uf-p-4: every attribute is a type
+        assert r["controversial"] is disagree
+    per_user = defaultdict(Counter)
+    for split in (data.train_seen + data.train_unseen, data.test):
+        for r in split:
+            per_user[(r["user_id"], split is data.test)][r["controversial"]] += 1
+    assert {tuple(sorted(c.items())) for (_, test), c in per_user.items() if not test} == {((False, 4), (True, 12))}
+    assert {tuple(sorted(c.items())) for (_, test), c in per_user.items() if test} == {((False, 1), (True, 3))}
+    # pairs every type agrees on are what a non-personalized model gets right: the bound rises
+    plain = generate(SynthConfig(preset="uf-p-4", users=40, seed=3))
+    assert majority_bound(data.test) > majority_bound(plain.test)
 
 
 def test_too_few_prompts_for_the_pairs_raises():

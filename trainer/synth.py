@@ -39,11 +39,6 @@ PRESETS = {
     "uf-p-2": (("helpfulness", "honesty"), 8),
     "uf-p-4": (ATTRIBUTES, 16),
 }
-# Limits the ingester enforces (DESIGN.md, preference records).
-MAX_PROMPT_CHARS = 4000
-MAX_RESPONSE_CHARS = 8000
-MAX_USER_ID_CHARS = 128
-
 SPLIT_FILES = {"train_seen": "train_seen.jsonl", "train_unseen": "train_unseen.jsonl", "test": "test.jsonl"}
 
 
@@ -64,6 +59,10 @@ class SynthConfig:
     users_per_response: float = 24.0
     min_prompts: int = 100  # floor so tiny datasets still have enough distinct (held-out) pairs per type
     prompts: int | None = None  # override of the rule above
+    # Share of each user's pairs (context and test, rounded per user) drawn from pairs on which no two
+    # types disagree, marked controversial: false. 0 (the paper's setting) keeps every pair controversial,
+    # so controversial accuracy equals accuracy; above 0 exercises the split.
+    non_controversial_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -85,6 +84,15 @@ class SynthConfig:
             raise ValueError(f"min_prompts must be >= 2, got {self.min_prompts}")
         if self.prompts is not None and self.prompts < 2:
             raise ValueError(f"prompts must be >= 2 (train and test need one each), got {self.prompts}")
+        if not 0.0 <= self.non_controversial_fraction < 1.0:
+            raise ValueError(f"non_controversial_fraction must be in [0, 1), got {self.non_controversial_fraction}")
+        space = _prompt_space()
+        if self.n_prompts > space:
+            hint = "lower prompts" if self.prompts is not None else (
+                f"{self.preset} allows at most "
+                f"{space * self.responses_per_prompt * self.users_per_response // (2 * self.pairs_per_user):,.0f} users "
+                "at these settings")
+            raise ValueError(f"{self.n_prompts:,} prompts needed, but the prompt grammar makes only {space:,}: {hint}")
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -349,29 +357,34 @@ def generate(config: SynthConfig) -> SynthDataset:
     splits: dict[str, list[dict]] = {"train_seen": [], "train_unseen": [], "test": []}
     for k, name in enumerate(types):
         users = np.flatnonzero(user_type == k)
-        labelable = controversial & (sign[..., k] != 0)  # a user only gets pairs its type strictly orders
+        orders = sign[..., k] != 0  # a user only gets pairs its type strictly orders
         test_sizes = np.full(len(users), config.test_pairs_per_user)
         for held_out, sizes in ((False, context_size[users]), (True, test_sizes)):
-            candidates = np.flatnonzero((labelable & (is_test[:, None] == held_out)).ravel())
-            if len(candidates) < sizes.max():
-                where = "held-out" if held_out else "training"
-                raise ValueError(
-                    f"only {len(candidates)} {where} pairs for type {name} but a user needs {sizes.max()}; "
-                    "raise prompts or min_prompts"
-                )
-            draws = _draw_distinct(rng, len(candidates), sizes)
-            owner = np.repeat(users, sizes)
-            prompt_idx, pair_idx = np.divmod(candidates[np.concatenate(draws)], len(first))
-            a, b = first[pair_idx], second[pair_idx]
-            a_wins = sign[prompt_idx, pair_idx, k] > 0
-            chosen = prompt_idx * pool + np.where(a_wins, a, b)
-            rejected = prompt_idx * pool + np.where(a_wins, b, a)
-            for u, p, c, r in zip(owner.tolist(), prompt_idx.tolist(), chosen.tolist(), rejected.tolist()):
-                split = "test" if held_out else ("train_unseen" if unseen[u] else "train_seen")
-                splits[split].append(
-                    {"user_id": user_ids[u], "prompt": prompts[p], "chosen": texts[c], "rejected": texts[r],
-                     "group": name, "controversial": True}
-                )
+            agreed = np.rint(sizes * config.non_controversial_fraction).astype(int)
+            # controversial pairs first; with no agreed share the random draws are those of earlier versions
+            for is_controversial, counts in ((True, sizes - agreed), (False, agreed)):
+                if not counts.any():
+                    continue
+                pool_mask = orders & (controversial if is_controversial else ~controversial)
+                candidates = np.flatnonzero((pool_mask & (is_test[:, None] == held_out)).ravel())
+                if len(candidates) < counts.max():
+                    where = "held-out" if held_out else "training"
+                    kind = "controversial" if is_controversial else "non-controversial"
+                    raise ValueError(f"only {len(candidates)} {where} {kind} pairs for type {name} but a user needs "
+                                     f"{counts.max()}; raise prompts or min_prompts")
+                draws = _draw_distinct(rng, len(candidates), counts)
+                owner = np.repeat(users, counts)
+                prompt_idx, pair_idx = np.divmod(candidates[np.concatenate(draws)], len(first))
+                a, b = first[pair_idx], second[pair_idx]
+                a_wins = sign[prompt_idx, pair_idx, k] > 0
+                chosen = prompt_idx * pool + np.where(a_wins, a, b)
+                rejected = prompt_idx * pool + np.where(a_wins, b, a)
+                for u, p, c, r in zip(owner.tolist(), prompt_idx.tolist(), chosen.tolist(), rejected.tolist()):
+                    split = "test" if held_out else ("train_unseen" if unseen[u] else "train_seen")
+                    splits[split].append(
+                        {"user_id": user_ids[u], "prompt": prompts[p], "chosen": texts[c], "rejected": texts[r],
+                         "group": name, "controversial": is_controversial}
+                    )
     for records in splits.values():  # user order, then draw order: readable files, stable for a seed
         records.sort(key=lambda rec: rec["user_id"])
 
