@@ -5,10 +5,17 @@
            optimization-free adaptation from 2-hop neighbours (adaptation.py);
   DEFAULT  the user has pairs but no usable neighbour (adaptation.py), or, when the caller allows it,
            no pairs at all: the release's population embedding.
+
+Which stored pairs are an unseen user's context: those created up to `context_until`. Serving leaves it
+None (every pair stored by the time of the request: pairs stored after training are exactly what
+adaptation is for). An evaluation sets it to the time it evaluates "as of", so that pairs stored later
+(the test pairs themselves, ingested afterwards, for one) cannot leak into it and a rerun gives the same
+numbers. The training snapshot's cut-off is not the right bound: an unseen user's pairs all lie after it.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import NamedTuple
 
 import torch
@@ -36,10 +43,11 @@ class ResolvedEmbeddings(NamedTuple):
 
 class UserEmbeddingResolver:
     def __init__(self, checkpoint: GNNCheckpoint, store: PreferenceStore | None = None,
-                 config: AdaptationConfig = AdaptationConfig()):
+                 config: AdaptationConfig = AdaptationConfig(), context_until: datetime | None = None):
         self.checkpoint = checkpoint
         self.store = store
         self.config = config
+        self.context_until = context_until
 
     def resolve(self, user_ids: Sequence[str], context: Mapping[str, list[tuple[str, str]]] | None = None,
                 unknown_as_default: bool = False) -> ResolvedEmbeddings:
@@ -55,7 +63,7 @@ class UserEmbeddingResolver:
         if not unseen:
             return ResolvedEmbeddings(embeddings, sources)
         need_store = [user_ids[i] for i in unseen if user_ids[i] not in context]
-        stored = self.store.pairs_of(need_store) if self.store is not None and need_store else {}
+        stored = self.store.pairs_of(need_store, self.context_until) if self.store is not None and need_store else {}
         pairs = [context.get(user_ids[i]) or stored.get(user_ids[i], []) for i in unseen]
         unknown = [user_ids[i] for i, p in zip(unseen, pairs) if not p]
         if unknown and not unknown_as_default:
