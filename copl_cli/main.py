@@ -1,9 +1,15 @@
 """`copl`: the command line. A thin layer: each command imports the heavy parts it needs when it runs,
-so `copl --help` is instant and no command pays for another's imports."""
+so `copl --help` is instant and no command pays for another's imports.
+
+Failures are one line on stderr, `error: ...`, and exit code 1 (bad input lines: one line each, then
+that line). Expected failures (bad input, an unreachable database, a broken release) are caught where
+they happen and said in the user's terms; anything else is caught by `main` and printed the same way
+(COPL_DEBUG=1 shows the traceback instead)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,8 +30,19 @@ DbOption = Annotated[Optional[str], typer.Option("--db", help="SQLAlchemy URL [e
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {' '.join(str(message).split())}", fg=typer.colors.RED, err=True)  # one line, always
     raise typer.Exit(code)
+
+
+def _database_error(url: str, exc: Exception) -> str:
+    """What went wrong with the store at `url`, without its password or SQLAlchemy's SQL and links."""
+    from sqlalchemy.engine import make_url
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given
+        shown = url
+    reason = getattr(exc, "orig", None) or exc
+    return f"cannot use the preference store {shown}: {reason}"
 
 
 def _print_errors(errors, limit: int, prefix: str = "") -> None:
@@ -43,7 +60,7 @@ def _store(db: str | None, migrate: bool = True):
     try:
         return PreferenceStore(url, migrate=migrate)
     except Exception as exc:  # bad URL, unreachable server: one clear line, not a traceback
-        _fail(f"cannot open the preference store {url}: {exc}")
+        _fail(_database_error(url, exc))
 
 
 @app.command()
@@ -53,15 +70,18 @@ def synth(
     users: Annotated[int, typer.Option(min=1, help="number of users")] = 1000,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 0,
     unseen_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of users who arrive after training")] = 0.1,
+    non_controversial_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.9, help="share of each user's pairs that no two types disagree on (controversial: false)")] = 0.0,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("data/uf-p-4"),
 ):
     """Write an UltraFeedback-P-like synthetic dataset (train_seen / train_unseen / test JSONL)."""
     from trainer.synth import SynthConfig, generate, write
     try:
-        config = SynthConfig(preset=preset, avg=avg, users=users, seed=seed, unseen_fraction=unseen_fraction)
+        dataset = generate(SynthConfig(preset=preset, avg=avg, users=users, seed=seed, unseen_fraction=unseen_fraction,
+                                       non_controversial_fraction=non_controversial_fraction))
     except ValueError as exc:
         _fail(str(exc))
-    counts = write(generate(config), out)
+    counts = write(dataset, out)
     typer.echo(json.dumps({"out": str(out), **counts}))
 
 
@@ -106,14 +126,48 @@ def stats(db: DbOption = None,
             typer.echo(f"{name:12s} {n:>12,d}")
 
 
+def _migrate(db: str | None, step, revision: str) -> None:
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from copl_common.settings import default_db_url
+    store = _store(db, migrate=False)
+    try:
+        step(store, revision)
+        typer.echo(f"schema at revision {store.schema_revision() or 'base (no tables)'}")
+    except CommandError as exc:  # an unknown revision, or one on the wrong side of the current one
+        _fail(f"cannot migrate to {revision!r}: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(_database_error(db or default_db_url(), exc))
+    finally:
+        store.close()
+
+
 @db_app.command("upgrade")
 def db_upgrade(db: DbOption = None,
                revision: Annotated[str, typer.Option(help="target revision")] = "head"):
     """Create or upgrade the schema (ingest does this itself; this is for operators)."""
-    store = _store(db, migrate=False)
-    store.migrate(revision)
-    typer.echo(f"schema at revision {store.schema_revision()}")
-    store.close()
+    _migrate(db, lambda store, rev: store.migrate(rev), revision)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="target revision: an id, -1 for one step, base for none")],
+                 db: DbOption = None,
+                 yes: Annotated[bool, typer.Option("--yes", help="do not ask (downgrading can drop tables and data)")] = False):
+    """Downgrade the schema to REVISION (base drops every table and the data in them)."""
+    if not yes:
+        try:
+            confirmed = typer.confirm(f"Downgrade the schema to {revision!r}? Tables it drops lose their data.")
+        except typer.Abort:  # no answer (stdin closed)
+            confirmed = False
+        if not confirmed:
+            _fail("not confirmed; nothing changed (use --yes to skip the question)")
+    _migrate(db, lambda store, rev: store.downgrade(rev), revision)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time from the command line: without a zone it is UTC."""
+    return moment.replace(tzinfo=timezone.utc) if moment and moment.tzinfo is None else moment
 
 
 RegistryOption = Annotated[Optional[Path], typer.Option("--registry", help="release registry [env COPL_REGISTRY; default: COPL_HOME/registry]")]
@@ -148,19 +202,26 @@ def train(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ):
     """Retrain the GNN and the reward model, publish them as one release, print its id."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from copl_common.registry import RegistryError
     from copl_common.settings import default_db_url
+    url = db or default_db_url()
+    _store(url).close()  # an unreachable or unusable store fails here, in one line, before the heavy imports
+
     from trainer.pipeline import TrainRequest, train_release
     from trainer.profiles import PROFILE_NAMES
     if profile not in PROFILE_NAMES:
         _fail(f"unknown profile {profile!r}: choose one of {', '.join(PROFILE_NAMES)}")
     reg = _registry(registry)
-    request = TrainRequest(db_url=db or default_db_url(), registry=reg.root, profile=profile,
-                           until=until.replace(tzinfo=timezone.utc) if until and until.tzinfo is None else until,
+    request = TrainRequest(db_url=url, registry=reg.root, profile=profile, until=_utc(until),
                            personalized=not baseline, device=device, make_current=not no_switch, progress=progress)
     try:
         release = train_release(request)
-    except ValueError as exc:  # empty store, bad settings
+    except (ValueError, RegistryError) as exc:  # empty store, bad settings, a release that cannot be published
         _fail(str(exc))
+    except SQLAlchemyError as exc:  # the store went away while training
+        _fail(_database_error(url, exc))
     metrics = release.manifest["metrics"]
     gnn_acc = metrics["gnn"]["val_accuracy"]  # None when no user had two pairs to hold one out
     typer.echo(f"held-out context pairs: GNN accuracy {'n/a' if gnn_acc is None else f'{gnn_acc:.3f}'}, "
@@ -176,10 +237,15 @@ def evaluate(
     release: Annotated[Optional[str], typer.Option(help="release id (default: the current one)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="pairs per forward pass")] = 64,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda")] = None,
+    as_of: Annotated[Optional[datetime], typer.Option(
+        "--as-of", help="unseen users' context: pairs stored up to this time (UTC) [default: now]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ):
     """Score held-out pairs in-process with a release; print accuracy overall, seen/unseen, by group."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from copl_common.settings import default_db_url
     from graph_service.ingest import InvalidInput, read_valid_records
     from trainer.evaluate import evaluate_release
     rel = _release(_registry(registry), release)
@@ -192,7 +258,12 @@ def evaluate(
         _fail(f"{len(exc.errors)} invalid line(s) in {test_file}")
     store = _store(db)
     try:
-        metrics = evaluate_release(rel, records, store, batch_size=batch_size, device=device, progress=progress)
+        metrics = evaluate_release(rel, records, store, batch_size=batch_size, device=device, progress=progress,
+                                   as_of=_utc(as_of))
+    except ValueError as exc:  # a release that does not load (ReleaseUnusable), an as-of before the release
+        _fail(str(exc))
+    except SQLAlchemyError as exc:
+        _fail(_database_error(db or default_db_url(), exc))
     finally:
         store.close()
     if as_json:
@@ -214,10 +285,12 @@ app.add_typer(releases_app, name="releases")
 @releases_app.command("list")
 def releases_list(registry: RegistryOption = None,
                   as_json: Annotated[bool, typer.Option("--json", help="print one JSON object a line")] = False):
-    """Every release, oldest first; the current one is marked."""
+    """Every release, oldest first; the current one is marked. A directory that is not a usable release
+    is named on stderr (and the exit code is 1) after the good ones are listed."""
     reg = _registry(registry)
     current = reg.current_id()
-    for rel in reg.list():
+    releases, broken = reg.scan()
+    for rel in releases:
         m = rel.manifest
         row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at, "profile": m.get("profile"),
                "users": m.get("data", {}).get("users"),
@@ -225,6 +298,10 @@ def releases_list(registry: RegistryOption = None,
         typer.echo(json.dumps(row) if as_json else
                    f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  profile={row['profile']}  "
                    f"users={row['users']}  val_acc={row['reward_val_accuracy']}")
+    for bad in broken:
+        typer.secho(f"error: {' '.join(bad.reason.split())}", fg=typer.colors.RED, err=True)
+    if broken:
+        raise typer.Exit(1)
 
 
 @releases_app.command("rollback")
@@ -239,6 +316,29 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
     typer.echo(release_id)
 
 
+DEMO_MARKER = ".copl-demo"
+DEMO_ENTRIES = ("dataset", "registry", "copl.db", "copl.db-wal", "copl.db-shm")  # what a demo writes
+
+
+def _demo_workdir(workdir: Path) -> None:
+    """Empty WORKDIR of an earlier demo's files, or refuse: only a directory the demo marked as its own
+    is cleaned, and then only of the entries the demo writes (`--workdir .` must not delete a checkout)."""
+    if workdir.exists() and not workdir.is_dir():
+        _fail(f"--workdir {workdir} is not a directory")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).is_file():
+            _fail(f"--workdir {workdir} is not empty and was not made by `copl demo` (it has no {DEMO_MARKER}); "
+                  "nothing was deleted: choose a new or empty directory")
+        for name in DEMO_ENTRIES:
+            entry = workdir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text(f"made by `copl demo`; a later demo may delete {', '.join(DEMO_ENTRIES)} here\n")
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store and registry go")] = Path("data/demo"),
@@ -248,17 +348,18 @@ def demo(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ):
     """The whole path on the embedded default, in WORKDIR: synth -> ingest -> train -> ingest the
-    users who arrive later -> eval on held-out prompts."""
-    import shutil
+    users who arrive later -> eval on held-out prompts. WORKDIR must be new, empty, or an earlier demo's."""
+    from trainer.synth import SynthConfig, generate, majority_bound, write
+    try:
+        config = SynthConfig(preset=preset, users=users, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    _demo_workdir(workdir)  # a demo starts from nothing, so each run shows the same path
 
     from graph_service.ingest import ingest_files, read_valid_records
     from graph_service.store import PreferenceStore
     from trainer.evaluate import evaluate_release
     from trainer.pipeline import TrainRequest, train_release
-    from trainer.synth import SynthConfig, generate, majority_bound, write
-
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a demo starts from nothing, so each run shows the same path
     data, registry = workdir / "dataset", workdir / "registry"
     url = f"sqlite:///{(workdir / 'copl.db').resolve()}"
 
@@ -266,7 +367,7 @@ def demo(
         typer.secho(text, bold=True)
 
     step(f"1/5 synth: {preset}, {users} users, seed {seed} -> {data}")
-    dataset = generate(SynthConfig(preset=preset, users=users, seed=seed))
+    dataset = generate(config)
     typer.echo(f"    {json.dumps(write(dataset, data))}")
     with PreferenceStore(url) as store:
         step(f"2/5 ingest the seen users into {url}")
@@ -292,8 +393,16 @@ def demo(
     typer.secho(f"demo done. Plots: {release.path / 'plots'}", fg=typer.colors.GREEN)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app(prog_name="copl")
+def main() -> None:
+    """The console entry point (through copl_cli.launcher): the app, with a last line of defence."""
+    try:
+        app(prog_name="copl")
+    except Exception as exc:  # a failure no command anticipated: still one line, never a traceback
+        if os.environ.get("COPL_DEBUG"):
+            raise
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        typer.secho(f"error: unexpected {message} (COPL_DEBUG=1 shows the traceback)", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
