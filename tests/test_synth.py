@@ -136,6 +136,9 @@ def test_majority_bound_and_users_per_response_by_hand():
     records = [rec("u1", "A", "B"), rec("u2", "A", "B"), rec("u3", "A", "B"), rec("u4", "B", "A"),
                rec("u1", "C", "D"), rec("u2", "C", "D")]
     assert majority_bound(records) == pytest.approx(5 / 6)
+    assert majority_bound(records + [rec("u5", "B", "A"), rec("u6", "B", "A")]) == pytest.approx(5 / 8)  # a 3:3 tie counts one side
+    # u4's label alone is a majority of one; against everyone's votes it is the minority
+    assert majority_bound(records[3:4]) == 1.0 and majority_bound(records[3:4], votes_from=records) == 0.0
     assert mean_users_per_response(records) == pytest.approx((4 + 4 + 2 + 2) / 4)
     with pytest.raises(ValueError):
         majority_bound([])

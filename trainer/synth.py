@@ -397,19 +397,31 @@ def generate(config: SynthConfig) -> SynthDataset:
     return SynthDataset(config, splits["train_seen"], splits["train_unseen"], splits["test"], responses)
 
 
-def majority_bound(records: list[dict]) -> float:
+def majority_bound(records: list[dict], votes_from: list[dict] | None = None) -> float:
     """Share of labels that agree with their pair's majority orientation.
 
     This is the accuracy of the best predictor that ignores who the user is (it can at most pick, per
     pair, the orientation most users chose), so a personalized model is worth something only above it.
+    `votes_from` (default: `records`) are the labels that decide each pair's orientation: to bound a
+    subset of users (e.g. the unseen ones), count the votes of everyone, or a pair labelled once by the
+    subset would count as a majority of one.
     """
     if not records:
         raise ValueError("majority_bound needs at least one record")
     votes: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for rec in records:
+
+    def key(rec: dict) -> tuple[tuple[str, str, str], bool]:
         low, high = sorted((rec["chosen"], rec["rejected"]))
-        votes[(rec["prompt"], low, high)][rec["chosen"] == low] += 1
-    return sum(max(v) for v in votes.values()) / len(records)
+        return (rec["prompt"], low, high), rec["chosen"] == low
+
+    for rec in records if votes_from is None else votes_from:
+        pair, low_wins = key(rec)
+        votes[pair][low_wins] += 1
+    agree = 0
+    for rec in records:
+        pair, low_wins = key(rec)
+        agree += low_wins == (votes[pair][True] >= votes[pair][False])  # one side per pair, ties to either
+    return agree / len(records)
 
 
 def mean_users_per_response(records: list[dict]) -> float:
