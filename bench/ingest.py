@@ -2,11 +2,16 @@
 INSERT ... ON CONFLICT DO NOTHING / COPY) into SQLite and PostgreSQL, beside a plain row-at-a-time
 ORM insert (one session.add per row, existence checks with session.get) as the baseline.
 
-    .venv/bin/python bench/ingest.py            # 1M records (baseline on 20k)
-    .venv/bin/python bench/ingest.py --quick    # 50k records (baseline on 5k)
+    .venv/bin/python bench/ingest.py            # ours at 20k and 1M records, the baseline at 20k
+    .venv/bin/python bench/ingest.py --quick    # ours at 5k and 50k records, the baseline at 5k
 
-Each measurement runs in its own process, so peak RSS is that run's alone. Records are realistic
-UltraFeedback-P-like text from `copl synth`. Last line: one JSON object.
+The baseline is too slow to run at the large size (about 1,300 records/s), so ours also runs at the
+baseline's size: "x baseline" compares the two at the same size only. Two more rows time validation
+alone (parse + the record rules, graph_service/records.py, which ingest runs on every line twice) on up
+to 100,000 records as written (ASCII, no escapes: the fast path) and with every text given a newline
+and non-ASCII characters (the per-character check). Each measurement runs in its own process, so peak RSS
+is that run's alone. Records are realistic UltraFeedback-P-like text from `copl synth`. Last line: one
+JSON object.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+VALIDATE_SAMPLE = 100_000  # records validated alone (the rate does not depend on the file's size)
 PG_ADMIN = os.environ.get("COPL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -36,6 +42,16 @@ def make_file(path: Path, n: int) -> int:
     return min(n, len(data.train_seen))
 
 
+def make_escaped_copy(src: Path, dest: Path) -> None:
+    """The same records with a newline and non-ASCII characters in every text (UTF-8, as exports are)."""
+    with open(src) as fin, open(dest, "w") as fout:
+        for line in fin:
+            record = json.loads(line)
+            for key in ("prompt", "chosen", "rejected"):
+                record[key] = record[key].replace(". ", ".\n", 1) + " (café, naïve)"
+            fout.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def run_copl_ingest(url: str, path: str) -> dict:
     from graph_service.ingest import ingest_files
     from graph_service.store import PreferenceStore
@@ -44,6 +60,15 @@ def run_copl_ingest(url: str, path: str) -> dict:
         report = ingest_files(store, [path], progress=False)
         seconds = time.perf_counter() - start
     return {"records": report.valid, "inserted": report.inserted, "seconds": seconds}
+
+
+def run_validate(path: str) -> dict:
+    from graph_service.ingest import validate_files
+    start = time.perf_counter()
+    valid, errors = validate_files([path])
+    if errors:
+        raise SystemExit(f"{len(errors)} invalid records in {path}: {errors[0]}")
+    return {"records": valid, "inserted": 0, "seconds": time.perf_counter() - start}
 
 
 def run_orm_baseline(url: str, path: str, limit: int) -> dict:
@@ -94,6 +119,8 @@ def child(args) -> None:
     """Runs one measurement and prints its JSON (called as a subprocess)."""
     if args.child == "copl":
         out = run_copl_ingest(args.url, args.file)
+    elif args.child == "validate":
+        out = run_validate(args.file)
     else:
         out = run_orm_baseline(args.url, args.file, args.limit)
     out["peak_rss_gb"] = peak_rss_gb()
@@ -126,10 +153,10 @@ def drop_postgres_db(name: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="50k records, baseline on 5k")
+    parser.add_argument("--quick", action="store_true", help="ours at 5k and 50k records, the baseline at 5k")
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--baseline-records", type=int, default=None)
-    parser.add_argument("--child", choices=["copl", "orm"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["copl", "orm", "validate"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
@@ -138,37 +165,59 @@ def main() -> None:
         return child(args)
 
     n = args.records or (50_000 if args.quick else 1_000_000)
-    n_base = args.baseline_records or (5_000 if args.quick else 20_000)
+    n_base = min(n, args.baseline_records or (5_000 if args.quick else 20_000))
     with tempfile.TemporaryDirectory(prefix="copl-bench-") as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        n = make_file(tmp / "records.jsonl", n)
-        print(f"generated {n:,} records ({(tmp / 'records.jsonl').stat().st_size / 2**20:.0f} MiB) "
-              f"in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        big, small = tmp / "records.jsonl", tmp / "small.jsonl"
+        sample, escaped = tmp / "sample.jsonl", tmp / "escaped.jsonl"
+        n = make_file(big, n)
+        n_sample = min(n, VALIDATE_SAMPLE)
+        for path, size in ((small, n_base), (sample, n_sample)):
+            with open(big) as fin, open(path, "w") as fout:
+                fout.writelines(line for _, line in zip(range(size), fin))
+        make_escaped_copy(sample, escaped)
+        print(f"generated {n:,} records ({big.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s",
+              file=sys.stderr)
 
-        rows = {}
-        rows["copl ingest -> SQLite"] = measure("copl", f"sqlite:///{tmp / 'copl.db'}", tmp / "records.jsonl")
-        pg_name, pg_url = fresh_postgres_db()
-        try:
-            rows["copl ingest -> PostgreSQL"] = measure("copl", pg_url, tmp / "records.jsonl")
-        finally:
-            drop_postgres_db(pg_name)
-        rows["baseline: ORM row-at-a-time -> SQLite"] = measure(
-            "orm", f"sqlite:///{tmp / 'orm.db'}", tmp / "records.jsonl", limit=n_base)
+        rows = {}  # (path, records) -> measurement
+        for size, path in ((n_base, small), (n, big)):
+            rows[("copl ingest -> SQLite", size)] = measure("copl", f"sqlite:///{tmp / f'copl-{size}.db'}", path)
+            pg_name, pg_url = fresh_postgres_db()
+            try:
+                rows[("copl ingest -> PostgreSQL", size)] = measure("copl", pg_url, path)
+            finally:
+                drop_postgres_db(pg_name)
+        rows[("baseline: ORM row-at-a-time -> SQLite", n_base)] = measure("orm", f"sqlite:///{tmp / 'orm.db'}", small, limit=n_base)
+        rows[("validate only (ASCII, no escapes)", n_sample)] = measure("validate", "", sample)
+        rows[("validate only (newlines, non-ASCII)", n_sample)] = measure("validate", "", escaped)
 
-    base = rows["baseline: ORM row-at-a-time -> SQLite"]["records_per_s"]
+    base = rows[("baseline: ORM row-at-a-time -> SQLite", n_base)]["records_per_s"]
     print(f"\n{'path':42s} {'records':>10s} {'seconds':>9s} {'records/s':>11s} {'x baseline':>11s} {'peak RSS GB':>12s}")
-    for name, r in rows.items():
-        print(f"{name:42s} {r['records']:>10,d} {r['seconds']:>9.1f} {r['records_per_s']:>11,.0f} "
-              f"{r['records_per_s'] / base:>11.1f} {r['peak_rss_gb']:>12.2f}")
+    for (name, size), r in rows.items():
+        same = size == n_base and not name.startswith("validate")  # ratios only at the baseline's size
+        print(f"{name:42s} {r['records']:>10,d} {r['seconds']:>9.2f} {r['records_per_s']:>11,.0f} "
+              f"{format(r['records_per_s'] / base, '.1f') if same else '-':>11s} {r['peak_rss_gb']:>12.2f}")
+    print("(x baseline: at the baseline's size only; the larger size shows how the rate holds up)")
+
+    def rate(name: str, size: int) -> int:
+        return round(rows[(name, size)]["records_per_s"])
+
     print(json.dumps({
         "records": n,
-        "sqlite_records_per_s": round(rows["copl ingest -> SQLite"]["records_per_s"]),
-        "postgres_records_per_s": round(rows["copl ingest -> PostgreSQL"]["records_per_s"]),
+        "baseline_records": n_base,
+        "sqlite_records_per_s": rate("copl ingest -> SQLite", n),
+        "postgres_records_per_s": rate("copl ingest -> PostgreSQL", n),
+        "sqlite_records_per_s_at_baseline_size": rate("copl ingest -> SQLite", n_base),
+        "postgres_records_per_s_at_baseline_size": rate("copl ingest -> PostgreSQL", n_base),
         "baseline_records_per_s": round(base),
-        "sqlite_peak_rss_gb": round(rows["copl ingest -> SQLite"]["peak_rss_gb"], 3),
-        "postgres_peak_rss_gb": round(rows["copl ingest -> PostgreSQL"]["peak_rss_gb"], 3),
-        "baseline_peak_rss_gb": round(rows["baseline: ORM row-at-a-time -> SQLite"]["peak_rss_gb"], 3),
+        "sqlite_x_baseline_same_size": round(rows[("copl ingest -> SQLite", n_base)]["records_per_s"] / base, 2),
+        "postgres_x_baseline_same_size": round(rows[("copl ingest -> PostgreSQL", n_base)]["records_per_s"] / base, 2),
+        "validate_records_per_s": rate("validate only (ASCII, no escapes)", n_sample),
+        "validate_escaped_records_per_s": rate("validate only (newlines, non-ASCII)", n_sample),
+        "sqlite_peak_rss_gb": round(rows[("copl ingest -> SQLite", n)]["peak_rss_gb"], 3),
+        "postgres_peak_rss_gb": round(rows[("copl ingest -> PostgreSQL", n)]["peak_rss_gb"], 3),
+        "baseline_peak_rss_gb": round(rows[("baseline: ORM row-at-a-time -> SQLite", n_base)]["peak_rss_gb"], 3),
     }))
 
 
