@@ -1,8 +1,8 @@
 """`copl`: the command line. A thin layer: each command imports the heavy parts it needs when it runs,
 so `copl --help` is instant and no command pays for another's imports.
 
-Failures are one line on stderr, `error: ...`, and exit code 1 (bad input lines: one line each, then
-that line). Expected failures (bad input, an unreachable database, a broken release) are caught where
+Failures are one line on stderr, `error: ...`, and exit code 1 (bad input lines are listed before it,
+one line each). Expected failures (bad input, an unreachable database, a broken release) are caught where
 they happen and said in the user's terms; anything else is caught by `main` and printed the same way
 (COPL_DEBUG=1 shows the traceback instead)."""
 from __future__ import annotations
@@ -94,6 +94,8 @@ def ingest(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ):
     """Load preference records idempotently (the same record twice is stored once)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from graph_service.ingest import InvalidInput, ingest_files
     from graph_service.store import DEFAULT_BATCH_SIZE
     store = _store(db)
@@ -102,6 +104,8 @@ def ingest(
                               progress=progress)
     except FileNotFoundError as exc:
         _fail(str(exc))
+    except SQLAlchemyError as exc:  # the store went away part way: whole batches only are stored, re-run to finish
+        _fail(_database_error(store.url, exc) + " (batches stored so far are whole; re-running stores the rest)")
     except InvalidInput as exc:
         _print_errors(exc.errors, 100)
         _fail(f"{exc} (use --skip-invalid to load the valid lines)")
@@ -116,9 +120,14 @@ def ingest(
 def stats(db: DbOption = None,
           as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False):
     """Counts in the preference store: users, prompts, responses, preferences."""
+    from sqlalchemy.exc import SQLAlchemyError
     store = _store(db)
-    counts = store.stats()
-    store.close()
+    try:
+        counts = store.stats()
+    except SQLAlchemyError as exc:
+        _fail(_database_error(store.url, exc))
+    finally:
+        store.close()
     if as_json:
         typer.echo(json.dumps(counts))
     else:

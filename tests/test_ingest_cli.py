@@ -43,7 +43,7 @@ def test_cli_missing_file_and_bad_url(tmp_path, sqlite_url):
     proc = copl("ingest", str(tmp_path / "nope.jsonl"), "--db", sqlite_url, check=False)
     assert proc.returncode == 1 and "no such file" in proc.stderr
     proc = copl("stats", "--db", "postgresql://postgres@127.0.0.1:1/none", check=False)
-    assert proc.returncode == 1 and "cannot open the preference store" in proc.stderr
+    assert proc.returncode == 1 and "cannot use the preference store" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
