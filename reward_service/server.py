@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import torch
+
 from copl.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from copl_common.auth import load_write_token
 from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
@@ -98,7 +100,8 @@ class RewardService:
         self.server = GrpcServer("reward", settings, token, [SERVICE_NAME], log)
         registry = self.server.metrics.registry
         self.batcher = DynamicBatcher(lambda jobs: jobs[0].model.forward(jobs), settings.max_batch_tokens,
-                                      settings.max_queue_delay_ms, settings.max_queue_pairs, registry)
+                                      settings.max_queue_delay_ms, settings.max_queue_pairs, registry,
+                                      settings.torch_threads)
         self.graph = GraphClient(settings.graph_address, settings.embedding_deadline_ms / 1e3,
                                  settings.embedding_cache_ttl_ms / 1e3, settings.embedding_cache_size, registry)
         self.holder: ReleaseHolder[RewardRelease] = ReleaseHolder(
@@ -111,6 +114,8 @@ class RewardService:
         self._tasks: list[asyncio.Task] = []
 
     def _load(self, release: Release) -> RewardRelease:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)   # this loading thread's smoke and warm-up passes
         return load_reward_release(release, self.settings.device, self.settings.dtype)
 
     async def _wait_for_graph(self, release: Release) -> None:
