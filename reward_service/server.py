@@ -106,12 +106,11 @@ class RewardService:
                                  settings.embedding_cache_ttl_ms / 1e3, settings.embedding_cache_size, registry)
         self.holder: ReleaseHolder[RewardRelease] = ReleaseHolder(
             Registry(settings.registry_path), self._load, self.server.metrics, log,
-            before_swap=self._wait_for_graph, on_swap=self._on_swap)
+            before_swap=self._wait_for_graph, on_swap=self.server.serving_after_swap)
         self.core = RewardCore(settings, self.holder, self.batcher, self.graph)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.core, settings.stream_max_in_flight),
                                                             self.server.server)
         self.server.add_admin(self.holder)
-        self._tasks: list[asyncio.Task] = []
 
     def _load(self, release: Release) -> RewardRelease:
         if self.settings.torch_threads:
@@ -129,9 +128,6 @@ class RewardService:
             log.warning("swapping to release %s although the graph service at %s %s", release.id,
                         self.graph.target, "does not serve it yet" if serves is False else "cannot be reached")
 
-    async def _on_swap(self, _loaded) -> None:
-        await self.server.set_serving(True)
-
     @property
     def port(self) -> int | None:
         return self.server.port
@@ -140,13 +136,10 @@ class RewardService:
         self.batcher.start()
         port = await self.server.start(self.settings.reward_port, self.settings.reward_metrics_port)
         await self.holder.poll_once()
-        self._tasks = [asyncio.create_task(self.holder.watch(self.settings.release_poll_s))]
+        self.server.in_background(self.holder.watch(self.settings.release_poll_s))
         return port
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop()
         await self.batcher.close()
         await self.graph.close()
@@ -156,9 +149,4 @@ def serve(settings: ServiceSettings) -> None:
     """Run until SIGINT or SIGTERM (`copl serve reward`)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a service log is not a terminal
-    async def start() -> RewardService:
-        service = RewardService(settings)
-        await service.start()
-        return service
-
-    asyncio.run(run_until_signalled(start, lambda s: s.stop(), log))
+    run_until_signalled(lambda: RewardService(settings), log)
