@@ -131,5 +131,6 @@ def run_until_signalled(make: Callable[[], object], log: logging.Logger) -> None
         await signalled.wait()
         log.info("shutting down: draining calls in progress")
         await service.stop()
+        log.info("stopped")
 
     asyncio.run(main())
