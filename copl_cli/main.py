@@ -402,6 +402,11 @@ def demo(
     typer.secho(f"demo done. Plots: {release.path / 'plots'}", fg=typer.colors.GREEN)
 
 
+from copl_cli import services  # noqa: E402  (serve graph|reward, up: a module of their own)
+
+services.register(app)
+
+
 def main() -> None:
     """The console entry point (through copl_cli.launcher): the app, with a last line of defence."""
     try:

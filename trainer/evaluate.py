@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from copl_common.registry import Release, RegistryError, check_parts
+from copl_common.registry import Release
+from copl_common.release_parts import check_release_parts
 from graph_service.embeddings import GNNCheckpoint
 from graph_service.records import PreferenceRecord
 from graph_service.store import PreferenceStore
@@ -37,11 +38,11 @@ class ReleaseUnusable(ValueError):
 
 def load_release_parts(release: Release, device: str | None = None) -> tuple[GNNCheckpoint, RewardModel]:
     """The release's GNN checkpoint and reward model, each checked against its manifest's checksums, and
-    the reward model checked to be the one trained with this GNN (registry.check_parts)."""
+    the reward model checked to be the one trained with this GNN (release_parts.check_release_parts)."""
     try:
-        check_parts(release.path)
+        check_release_parts(release)
         return GNNCheckpoint.load(release.gnn_dir), RewardModel.load(release.reward_dir, device=device)
-    except (RegistryError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ReleaseUnusable(f"release {release.id} cannot be loaded: {exc}") from exc
 
 
