@@ -199,15 +199,14 @@ def test_score_many_sends_unanswered_items_again_after_a_dropped_stream(peers):
 
 
 def test_score_many_survives_a_replica_that_goes_away_and_comes_back(peer):
-    items = _items(3000)
-    peer.script.reply_delay_s = 0.0002
+    items = _items(1500)
 
     async def job():
         async with AsyncClient(reward=peer.target, graph=peer.target, retry=FAST) as client:
             out = []
             async for r in client.iter_score_many(items, concurrency=16, max_stall_s=20):
                 out.append(r)
-                if len(out) == 1000:
+                if len(out) == 500:
                     await asyncio.to_thread(peer.stop)
                     asyncio.get_running_loop().call_later(0.5, peer.start)
             return out
