@@ -306,6 +306,9 @@ def demo(
     typer.secho(f"demo done. Plots: {release.path / 'plots'}", fg=typer.colors.GREEN)
 
 
+from copl_cli import services  # noqa: E402  (serve graph|reward, up: a module of their own)
+
+services.register(app)
 client_commands.register(app)
 
 

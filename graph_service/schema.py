@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, Text
+from sqlalchemy import DateTime, Text, func
 from sqlmodel import Field, SQLModel
 
 HASH_LEN = 64  # sha256 hex
@@ -46,3 +46,7 @@ class Preference(SQLModel, table=True):
     rejected_id: str = Field(foreign_key="responses.id", max_length=HASH_LEN)
     controversial: bool | None = None
     created_at: datetime = Field(sa_type=DateTime(timezone=True))
+    # When the store received the record, by the database's clock (created_at is the client's): the graph
+    # service polls it to see which users got new preferences, through any replica (migration 0002).
+    stored_at: datetime | None = Field(default=None, sa_type=DateTime(timezone=True), index=True, nullable=False,
+                                       sa_column_kwargs={"server_default": func.current_timestamp()})

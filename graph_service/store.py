@@ -283,6 +283,29 @@ class PreferenceStore:
                                  snapshot_time=until)
         return snapshot, ([tuple(row[3:]) for row in rows] if with_texts else None)
 
+    def now(self) -> datetime:
+        """The database's clock (the one that fills preferences.stored_at), timezone-aware UTC."""
+        with self.engine.connect() as conn:
+            now = conn.execute(select(func.current_timestamp())).scalar_one()
+        return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+
+    def users_stored_since(self, since: datetime) -> list[str]:
+        """Users with a preference the store received after `since` (by the database's clock)."""
+        t = Preference.__table__
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(t.c.user_id).where(t.c.stored_at > since).distinct()).scalars())
+
+    def pair_counts(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Number of stored preferences of each given user (0 for a user with none)."""
+        t = Preference.__table__
+        out = dict.fromkeys(user_ids, 0)
+        with self.engine.connect() as conn:
+            for start in range(0, len(user_ids), 1000):  # bounded IN lists
+                chunk = list(user_ids[start:start + 1000])
+                out.update(conn.execute(select(t.c.user_id, func.count()).where(t.c.user_id.in_(chunk))
+                                        .group_by(t.c.user_id)).all())
+        return out
+
     def pairs_of(self, user_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
         """(chosen_id, rejected_id) pairs of each given user, in a stable order."""
         t = Preference.__table__

@@ -124,16 +124,25 @@ class RewardModel(nn.Module):
 
     def tokenize(self, prompts: list[str], responses: list[str], padding_side: str | None = None) -> dict[str, torch.Tensor]:
         """Padded model inputs on the model's device for (prompt, response) pairs (padding side: the tokenizer's)."""
+        return self.collate([self.encode_texts(prompts, responses)], padding_side)
+
+    def encode_texts(self, prompts: list[str], responses: list[str]) -> dict[str, list[list[int]]]:
+        """Token ids of (prompt, response) pairs, truncated, not padded: the serving batcher counts tokens
+        per request with them and pads many requests together (`collate`)."""
         if len(prompts) != len(responses) or not prompts:
             raise ValueError(f"need equal, non-zero numbers of prompts and responses, got {len(prompts)}, {len(responses)}")
         if self.is_decoder:
             texts = [p + DECODER_SEPARATOR + r for p, r in zip(prompts, responses)]
-            enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length, padding=True,
-                                 padding_side=padding_side, return_tensors="pt", return_token_type_ids=False)
+            enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length, return_token_type_ids=False)
         else:
-            enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.cfg.max_length,
-                                 padding=True, padding_side=padding_side, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in enc.items()}
+            enc = self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.cfg.max_length)
+        return dict(enc)
+
+    def collate(self, encodings: Sequence[dict[str, list[list[int]]]], padding_side: str | None = None) -> dict[str, torch.Tensor]:
+        """`encode_texts` outputs, concatenated and padded into tensors on the model's device."""
+        merged = {key: [row for enc in encodings for row in enc[key]] for key in encodings[0]}
+        padded = self.tokenizer.pad(merged, padding=True, padding_side=padding_side, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in padded.items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

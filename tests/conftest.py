@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,18 +21,26 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'store.db'}"
 
 
-@pytest.fixture
-def postgres_url():
-    """A new, empty PostgreSQL database, dropped afterwards. The server is part of this machine
+@contextmanager
+def new_postgres_database():
+    """A new, empty PostgreSQL database's URL, dropped afterwards. The server is part of this machine
     kind and of CI, so an unreachable server fails the test rather than skipping it."""
     import psycopg
     name = f"copl_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url():
+    with new_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -57,3 +67,26 @@ def write_jsonl(path: Path, records) -> Path:
         for r in records:
             fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """ONE release trained by `copl train`'s code (profile tiny) for every test that needs one, on a
+    PostgreSQL store: uf-p-2 with 200 users (seed 1); the seen users' pairs before training, the unseen
+    users' pairs stored after it (they get ADAPTED embeddings). About a minute on 2 cores."""
+    from graph_service.ingest import ingest_files
+    from graph_service.store import PreferenceStore
+    from trainer.pipeline import TrainRequest, train_release
+    from trainer.synth import SynthConfig, generate, write
+
+    root = tmp_path_factory.mktemp("tiny-release")
+    dataset = generate(SynthConfig(preset="uf-p-2", users=200, seed=1))
+    write(dataset, root / "dataset")
+    with new_postgres_database() as url:
+        with PreferenceStore(url) as store:
+            ingest_files(store, [root / "dataset" / "train_seen.jsonl"], progress=False)
+            release = train_release(TrainRequest(db_url=url, registry=root / "registry", profile="tiny",
+                                                 progress=False))
+            ingest_files(store, [root / "dataset" / "train_unseen.jsonl"], progress=False)
+        yield SimpleNamespace(db_url=url, registry=root / "registry", release=release, dataset=dataset,
+                              data_dir=root / "dataset")

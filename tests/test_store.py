@@ -19,7 +19,7 @@ def test_migrations_from_empty_and_back(store_url):
     store = PreferenceStore(store_url, migrate=False)
     assert store.schema_revision() is None
     store.migrate()
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"users", "prompts", "responses", "preferences", "alembic_version"} <= tables
     store.migrate()  # current: a no-op
