@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from client_peers import RELEASE, Peer, expected_scores
+from tests.client_peers import RELEASE, Peer, expected_scores
 from copl_client import (AsyncClient, Client, EmbeddingSource, InvalidArgument, InvalidRecords, JobFileError,
                          RetryPolicy, ScoreItem, Unauthenticated, Unavailable, UserEmbedding)
 from copl_client.endpoints import parse_target
