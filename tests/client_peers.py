@@ -127,8 +127,8 @@ class _Admin(common_pb2_grpc.AdminServiceServicer):
 class Peer:
     """A fake-free peer: a real server answering by script. `start()`/`stop()` may be repeated; the port stays."""
 
-    def __init__(self, port: int = 0):
-        self.port, self.script = port, Script()
+    def __init__(self, port: int = 0, tls: grpc.ServerCredentials | None = None):
+        self.port, self.script, self.tls = port, Script(), tls
         self.calls: Counter = Counter()
         self.metadata: list[dict] = []
         self.answered: Counter = Counter()
@@ -141,7 +141,7 @@ class Peer:
 
     @property
     def target(self) -> str:
-        return f"grpc://127.0.0.1:{self.port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://127.0.0.1:{self.port}"
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -161,7 +161,8 @@ class Peer:
             common_pb2_grpc.add_AdminServiceServicer_to_server(_Admin(self), server)
             self.health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-            self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+            address = f"127.0.0.1:{self.port}"
+            self.port = server.add_secure_port(address, self.tls) if self.tls else server.add_insecure_port(address)
             await server.start()
             self._server = server
         self._run(start())

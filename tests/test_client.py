@@ -12,7 +12,7 @@ import pytest
 
 from tests.client_peers import RELEASE, Peer, expected_scores
 from copl_client import (AsyncClient, Client, EmbeddingSource, InvalidArgument, InvalidRecords, JobFileError,
-                         RetryPolicy, ScoreItem, Unauthenticated, Unavailable, UserEmbedding)
+                         RetryPolicy, ScoreItem, TLSConfig, Unauthenticated, Unavailable, UserEmbedding)
 from copl_client.endpoints import parse_target
 
 FAST = RetryPolicy(max_attempts=6, initial_backoff_s=0.01, max_backoff_s=0.05)
@@ -311,3 +311,77 @@ def test_user_embedding_round_trips_through_json():
     assert UserEmbedding.from_json(emb.to_json()) == emb
     with pytest.raises(ValueError):
         UserEmbedding.from_json({"vector": ["a"], "release_id": "r"})
+
+
+def _certificates(directory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with the openssl tool."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", *(["-extfile", "san.ext"] if name == "server" else []))
+    return directory
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    certs = _certificates(tmp_path)
+    read = lambda name: (certs / name).read_bytes()   # noqa: E731
+    server_creds = grpc.ssl_server_credentials([(read("server.key"), read("server.pem"))],
+                                               root_certificates=read("ca.pem"), require_client_auth=True)
+    peer = Peer(tls=server_creds).start()
+    quick = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    try:
+        mutual = TLSConfig(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key")
+        with Client(reward=peer.target, graph=peer.target, tls=mutual, retry=quick) as client:
+            assert client.score("alice", "p", ["abcd"]).scores == (4.0,)
+        with Client(reward=peer.target, tls=TLSConfig(ca=certs / "ca.pem"), retry=quick, timeout=3) as client:
+            with pytest.raises(Unavailable):               # no client certificate: the handshake fails
+                client.score("alice", "p", ["a"])
+        with Client(reward=peer.target, retry=quick, timeout=3) as client:
+            with pytest.raises(Unavailable):               # the system roots do not trust this CA
+                client.score("alice", "p", ["a"])
+        assert peer.calls["ScoreResponses"] == 1
+        with pytest.raises(ValueError, match="plaintext"):
+            Client(reward=f"grpc://127.0.0.1:{peer.port}", tls=mutual).close()
+        with pytest.raises(ValueError, match="both"):
+            TLSConfig(cert=certs / "client.pem")
+    finally:
+        peer.close()
+
+
+def test_iter_score_many_hands_results_over_as_they_come_and_can_stop_early(peer):
+    with client_for(peer) as client:
+        got = []
+        for result in client.iter_score_many(iter(_items(500)), concurrency=4):
+            got.append(result)
+            if len(got) == 10:
+                break
+        assert [r.index for r in got] == list(range(10))
+        assert client.score("alice", "p", ["ab"]).scores == (2.0,)    # the client is still fine
+
+
+def test_copl_score_command(peer, tmp_path):
+    from typer.testing import CliRunner
+
+    from copl_cli.main import app
+    runner = CliRunner()
+    src, out = _write_rows(tmp_path / "in.jsonl", 50), tmp_path / "out.jsonl"
+    done = runner.invoke(app, ["score", str(src), str(out), "--target", peer.target, "--no-progress"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout.strip().splitlines()[-1])["scored"] == 50 and len(_output_rows(out)) == 50
+    again = runner.invoke(app, ["score", str(src), str(out), "--target", peer.target, "--no-progress"])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["already_done"] == 50 and len(_output_rows(out)) == 50
+    missing = runner.invoke(app, ["score", str(src), str(tmp_path / "o2.jsonl")])
+    assert missing.exit_code == 1 and "--target is required" in missing.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u", "prompt": "p", "responses": []}\n')
+    refused = runner.invoke(app, ["score", str(bad), str(tmp_path / "o3.jsonl"), "--target", peer.target])
+    assert refused.exit_code == 1 and "line 1: 'responses' must be a non-empty list" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "o3.jsonl").exists()

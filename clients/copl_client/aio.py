@@ -17,8 +17,8 @@ from copl_client.results import (AddResult, EmbeddingSource, ItemResult, PairLik
                                  ReloadResult, ScoreItem, Scores, UserEmbedding, pair_proto, record_proto)
 from copl_client.retry import RetryPolicy
 
-DEFAULT_GRAPH = "grpc://127.0.0.1:50051"    # `copl up`'s ports
-DEFAULT_REWARD = "grpc://127.0.0.1:50052"
+DEFAULT_GRAPH = "127.0.0.1:50051"    # `copl up`'s ports (plaintext, or TLS when a TLSConfig is given)
+DEFAULT_REWARD = "127.0.0.1:50052"
 GRAPH_SERVICE = "copl.v1.GraphService"
 REWARD_SERVICE = "copl.v1.RewardService"
 

@@ -117,8 +117,8 @@ class BatchJob:
                         raise from_rpc_error(exc) from None
                     why = f"{ep.target}: {exc.details()}"
                 finally:
+                    call.cancel()              # first: it ends a write in progress, then the task
                     sender.cancel()
-                    call.cancel()
                     with contextlib.suppress(BaseException):
                         await sender
                     for entry in pending:     # unanswered: send again, on the next stream
@@ -137,10 +137,8 @@ class BatchJob:
     async def _receive(self, call, pending: deque) -> str:
         """Read answers until the stream ends or stalls with requests unanswered; say which."""
         while True:
-            timeout = self._max_stall_s if pending else None
-            try:
-                reply = await asyncio.wait_for(call.read(), timeout)
-            except asyncio.TimeoutError:
+            reply = await self._read(call, self._max_stall_s if pending else None)
+            if reply is None:
                 return f"no reply for {self._max_stall_s:.0f} s"
             if reply is grpc.aio.EOF:
                 return "the server closed the stream"   # anything unanswered is sent again
@@ -156,6 +154,21 @@ class BatchJob:
             else:
                 self._resolve(position, scores=tuple(reply.scores), release_id=reply.release_id,
                               embedding_source=EmbeddingSource.from_proto(reply.embedding_source))
+
+    @staticmethod
+    async def _read(call, timeout: float | None):
+        """The stream's next message, or None after `timeout` s. A pending read is never cancelled itself
+        (grpc.aio may then wait forever): the call is cancelled, which ends the read."""
+        read = asyncio.ensure_future(call.read())
+        try:
+            done, _ = await asyncio.wait({read}, timeout=timeout)
+        finally:
+            if not read.done():
+                call.cancel()
+                await asyncio.wait({read})
+                if not read.cancelled():
+                    read.exception()   # retrieved: the call was given up on purpose
+        return read.result() if done else None
 
     async def _send(self, call, pending: deque, write_failed: asyncio.Event) -> None:
         while True:
