@@ -155,9 +155,9 @@ def test_the_client_runs_without_torch_transformers_peft_or_ray(live):
     assert done.returncode == 0 and "light client ok" in done.stdout, done.stderr
 
 
-@pytest.mark.slow
 def test_base_install_in_a_fresh_virtual_environment(live, tmp_path):
-    """`pip install .` (no extras) into a new venv: no torch there, and the client works against the services."""
+    """`pip install .` (no extras) into a new venv: no torch there, and the client works against the services.
+    About 25 s on 2 cores (grpcio, protobuf and two small packages from the registry), so it is in `make test`."""
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
