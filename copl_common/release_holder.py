@@ -65,6 +65,11 @@ class ReleaseHolder(Generic[T]):
     def current(self) -> Loaded[T] | None:
         return self._current
 
+    @property
+    def pointer_seen(self) -> str | None:
+        """The registry's CURRENT value as of the last look (the watcher acts when it changes)."""
+        return self._last_pointer
+
     def require(self, release_id: str = "") -> Loaded[T]:
         """The current release, or the named one while this service still holds it; FailedPrecondition otherwise."""
         current = self._current

@@ -2,8 +2,10 @@
 token checks and limits, and graceful shutdown.
 
 Health (`grpc.health.v1`) reports NOT_SERVING for every service until the first release is loaded and
-warmed, and again from the moment shutdown begins. Shutdown (SIGINT/SIGTERM): health goes NOT_SERVING,
-the server stops accepting calls, calls in progress get `shutdown_grace_s` to finish, then are cancelled.
+warmed, and again from the moment shutdown begins. Shutdown (SIGINT/SIGTERM): health goes NOT_SERVING and
+the server keeps answering for a short notice (a quarter of `shutdown_grace_s`, at most 1 s) so that health
+checkers and load balancers see it and move away; then it stops accepting calls, calls in progress get
+`shutdown_grace_s` to finish, and whatever is left is cancelled.
 """
 from __future__ import annotations
 
@@ -99,6 +101,7 @@ class GrpcServer:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(min(1.0, self.settings.shutdown_grace_s / 4))
         await self.server.stop(self.settings.shutdown_grace_s)
         self.metrics.close()
 
