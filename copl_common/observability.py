@@ -17,6 +17,7 @@ metadata. Logs: one line per call at DEBUG (method, status, milliseconds, reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -135,6 +136,22 @@ class _Call:
         await self.context.abort(grpc.StatusCode.INTERNAL,
                                  f"internal error (request id {self.request_id}); the server log has the details")
 
+    @contextlib.asynccontextmanager
+    async def guarded(self) -> AsyncIterator[None]:
+        """The catch-all around a handler: every way a call ends gets its status, its metrics and its log line."""
+        try:
+            yield
+        except grpc.aio.AbortError:
+            self.aborted()
+            raise
+        except asyncio.CancelledError:
+            self.code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status, never UNKNOWN
+            await self.fail(exc)
+        finally:
+            self.finish()
+
     def aborted(self) -> None:
         """The handler aborted the call itself (context.abort): keep the code it set."""
         code = self.context.code()
@@ -179,18 +196,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior, kind: str, service: str, method: str):
         async def run(request, context):
             call = _Call(self, kind, service, method, context)
-            try:
+            async with call.guarded():
                 return await behavior(request, context)
-            except grpc.aio.AbortError:
-                call.aborted()
-                raise
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:  # noqa: BLE001 - the catch-all: every failure gets a status
-                await call.fail(exc)
-            finally:
-                call.finish()
         return run
 
     def _streaming(self, behavior, kind: str, service: str, method: str, streams_in: bool):
@@ -204,36 +211,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(behavior):  # writes with context.write (grpc_health's Watch)
             async def run_writer(request, context):
                 call = _Call(self, kind, service, method, context)
-                try:
+                async with call.guarded():
                     return await behavior(count_in(request) if streams_in else request, context)
-                except grpc.aio.AbortError:
-                    call.aborted()
-                    raise
-                except asyncio.CancelledError:
-                    call.code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await call.fail(exc)
-                finally:
-                    call.finish()
             return run_writer
 
         async def run(request, context):
             call = _Call(self, kind, service, method, context)
-            try:
+            async with call.guarded():
                 async for reply in behavior(count_in(request) if streams_in else request, context):
                     self.metrics.msg_sent.labels(*labels).inc()
                     yield reply
-            except grpc.aio.AbortError:
-                call.aborted()
-                raise
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:  # noqa: BLE001
-                await call.fail(exc)
-            finally:
-                call.finish()
         return run
 
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,6 +78,15 @@ class GrpcServer:
              reflection.SERVICE_NAME], self.server)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self._background: list[asyncio.Task] = []
+
+    def in_background(self, *coroutines) -> None:
+        """Run watchers (registry pointer, store) until the server stops."""
+        self._background += [asyncio.create_task(c) for c in coroutines]
+
+    async def serving_after_swap(self, _loaded) -> None:
+        """A ReleaseHolder on_swap callback: a release is loaded and warm."""
+        await self.set_serving(True)
 
     def add_admin(self, holder: ReleaseHolder) -> None:
         common_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(holder), self.server)
@@ -100,20 +109,28 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(min(1.0, self.settings.shutdown_grace_s / 4))
         await self.server.stop(self.settings.shutdown_grace_s)
         self.metrics.close()
 
 
-async def run_until_signalled(start: Callable[[], Awaitable[object]], stop: Callable[[object], Awaitable[None]],
-                              log: logging.Logger) -> None:
-    """Start a service, wait for SIGINT or SIGTERM, stop it gracefully."""
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
-    service = await start()
-    await signalled.wait()
-    log.info("shutting down: draining calls in progress")
-    await stop(service)
+def run_until_signalled(make: Callable[[], object], log: logging.Logger) -> None:
+    """Make and start a service (an object with async start() and stop()), wait for SIGINT or SIGTERM, stop
+    it gracefully."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, signalled.set)
+        service = make()   # on the loop: grpc.aio objects belong to the loop they are made on
+        await service.start()
+        await signalled.wait()
+        log.info("shutting down: draining calls in progress")
+        await service.stop()
+        log.info("stopped")
+
+    asyncio.run(main())

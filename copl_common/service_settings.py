@@ -45,6 +45,9 @@ class ServiceSettings:
     # -- reward model and batching -------------------------------------------------------------------
     device: str = _setting("auto", "reward model device: auto (CUDA when present), cpu or cuda")
     dtype: str = _setting("auto", "reward model dtype: auto (bf16 on CUDA and bf16-capable CPUs), fp32 or bf16")
+    torch_threads: int = _setting(0, "the reward model's intra-op CPU threads (0: torch's default, one per core); "
+                                     "on cores shared with other busy processes 1 avoids threads spin-waiting "
+                                     "for each other")
     max_batch_tokens: int = _setting(16_384, "token budget of one forward pass: pairs x longest sequence", "tokens")
     max_queue_delay_ms: float = _setting(2.0, "longest a request waits for others to join its batch "
                                               "when the model is idle", "ms")
@@ -84,10 +87,12 @@ class ServiceSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "embedding_cache_ttl_ms", "store_poll_overlap_s", "release_grace_s",
+        for name in ("torch_threads", "max_queue_delay_ms", "embedding_cache_ttl_ms", "store_poll_overlap_s", "release_grace_s",
                      "shutdown_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_queue_pairs < self.max_responses_per_request:
+            raise ValueError("max_queue_pairs must be >= max_responses_per_request (a request must fit the queue)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -59,14 +59,10 @@ class GraphService:
         self.store = PreferenceStore(settings.store_url)
         self.holder: ReleaseHolder = ReleaseHolder(
             Registry(settings.registry_path), load_graph_release, self.server.metrics, log,
-            keep_previous_s=settings.release_grace_s, on_swap=self._on_swap)
+            keep_previous_s=settings.release_grace_s, on_swap=self.server.serving_after_swap)
         self.core = GraphCore(settings, self.store, self.holder, self.server.metrics.registry)
         graph_pb2_grpc.add_GraphServiceServicer_to_server(GraphServicer(self.core), self.server.server)
         self.server.add_admin(self.holder)
-        self._tasks: list[asyncio.Task] = []
-
-    async def _on_swap(self, _loaded) -> None:
-        await self.server.set_serving(True)
 
     @property
     def port(self) -> int | None:
@@ -75,23 +71,14 @@ class GraphService:
     async def start(self) -> int:
         port = await self.server.start(self.settings.graph_port, self.settings.graph_metrics_port)
         await self.holder.poll_once()  # serve the current release as soon as it is warm
-        self._tasks = [asyncio.create_task(self.holder.watch(self.settings.release_poll_s)),
-                       asyncio.create_task(self.core.watch_store())]
+        self.server.in_background(self.holder.watch(self.settings.release_poll_s), self.core.watch_store())
         return port
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop()
         self.store.close()
 
 
 def serve(settings: ServiceSettings) -> None:
     """Run until SIGINT or SIGTERM (`copl serve graph`)."""
-    async def start() -> GraphService:
-        service = GraphService(settings)
-        await service.start()
-        return service
-
-    asyncio.run(run_until_signalled(start, lambda s: s.stop(), log))
+    run_until_signalled(lambda: GraphService(settings), log)

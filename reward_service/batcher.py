@@ -48,7 +48,7 @@ class ScoreJob:
 
 class DynamicBatcher:
     def __init__(self, forward: ForwardFn, max_batch_tokens: int, max_queue_delay_ms: float, max_queue_pairs: int,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, torch_threads: int = 0):
         self._forward = forward
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay_s = max_queue_delay_ms / 1e3
@@ -56,7 +56,10 @@ class DynamicBatcher:
         self._pending: deque[ScoreJob] = deque()
         self._queued_pairs = 0
         self._arrived = asyncio.Event()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copl-model")  # the model's one owner
+        # The model's one owner. Intra-op threads are a per-thread setting in torch's OpenMP backend: set them here.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="copl-model",
+                                          initializer=torch.set_num_threads if torch_threads else None,
+                                          initargs=(torch_threads,) if torch_threads else ())
         self._loop_task: asyncio.Task | None = None
         self.queue_depth = Gauge("copl_queue_depth", "Pairs waiting for the model.", registry=registry)
         self.batch_pairs = Histogram("copl_batch_size", "Pairs per forward pass.", registry=registry,

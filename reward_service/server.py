@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import torch
+
 from copl.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from copl_common.auth import load_write_token
 from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
@@ -98,19 +100,21 @@ class RewardService:
         self.server = GrpcServer("reward", settings, token, [SERVICE_NAME], log)
         registry = self.server.metrics.registry
         self.batcher = DynamicBatcher(lambda jobs: jobs[0].model.forward(jobs), settings.max_batch_tokens,
-                                      settings.max_queue_delay_ms, settings.max_queue_pairs, registry)
+                                      settings.max_queue_delay_ms, settings.max_queue_pairs, registry,
+                                      settings.torch_threads)
         self.graph = GraphClient(settings.graph_address, settings.embedding_deadline_ms / 1e3,
                                  settings.embedding_cache_ttl_ms / 1e3, settings.embedding_cache_size, registry)
         self.holder: ReleaseHolder[RewardRelease] = ReleaseHolder(
             Registry(settings.registry_path), self._load, self.server.metrics, log,
-            before_swap=self._wait_for_graph, on_swap=self._on_swap)
+            before_swap=self._wait_for_graph, on_swap=self.server.serving_after_swap)
         self.core = RewardCore(settings, self.holder, self.batcher, self.graph)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.core, settings.stream_max_in_flight),
                                                             self.server.server)
         self.server.add_admin(self.holder)
-        self._tasks: list[asyncio.Task] = []
 
     def _load(self, release: Release) -> RewardRelease:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)   # this loading thread's smoke and warm-up passes
         return load_reward_release(release, self.settings.device, self.settings.dtype)
 
     async def _wait_for_graph(self, release: Release) -> None:
@@ -124,9 +128,6 @@ class RewardService:
             log.warning("swapping to release %s although the graph service at %s %s", release.id,
                         self.graph.target, "does not serve it yet" if serves is False else "cannot be reached")
 
-    async def _on_swap(self, _loaded) -> None:
-        await self.server.set_serving(True)
-
     @property
     def port(self) -> int | None:
         return self.server.port
@@ -135,13 +136,10 @@ class RewardService:
         self.batcher.start()
         port = await self.server.start(self.settings.reward_port, self.settings.reward_metrics_port)
         await self.holder.poll_once()
-        self._tasks = [asyncio.create_task(self.holder.watch(self.settings.release_poll_s))]
+        self.server.in_background(self.holder.watch(self.settings.release_poll_s))
         return port
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop()
         await self.batcher.close()
         await self.graph.close()
@@ -151,9 +149,4 @@ def serve(settings: ServiceSettings) -> None:
     """Run until SIGINT or SIGTERM (`copl serve reward`)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a service log is not a terminal
-    async def start() -> RewardService:
-        service = RewardService(settings)
-        await service.start()
-        return service
-
-    asyncio.run(run_until_signalled(start, lambda s: s.stop(), log))
+    run_until_signalled(lambda: RewardService(settings), log)
