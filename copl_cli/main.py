@@ -17,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from copl_cli import client_commands
+
 # Nothing may download weights at run time: Hugging Face loads resolve from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -250,14 +252,18 @@ def evaluate(
         "--as-of", help="unseen users' context: pairs stored up to this time (UTC) [default: now]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    target: client_commands.TargetOption = None,
+    token_file: client_commands.TokenFileOption = None,
+    tls_ca: client_commands.TlsCaOption = None,
+    tls_cert: client_commands.TlsCertOption = None,
+    tls_key: client_commands.TlsKeyOption = None,
 ):
-    """Score held-out pairs in-process with a release; print accuracy overall, seen/unseen, by group."""
+    """Score held-out pairs with a release, in-process or through a running reward service (--target);
+    print accuracy overall, seen/unseen, by group."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from copl_common.settings import default_db_url
     from graph_service.ingest import InvalidInput, read_valid_records
-    from trainer.evaluate import evaluate_release
-    rel = _release(_registry(registry), release)
     try:
         records = read_valid_records([test_file])
     except FileNotFoundError as exc:
@@ -265,16 +271,26 @@ def evaluate(
     except InvalidInput as exc:
         _print_errors(exc.errors, 20)
         _fail(f"{len(exc.errors)} invalid line(s) in {test_file}")
-    store = _store(db)
-    try:
-        metrics = evaluate_release(rel, records, store, batch_size=batch_size, device=device, progress=progress,
-                                   as_of=_utc(as_of))
-    except ValueError as exc:  # a release that does not load (ReleaseUnusable), an as-of before the release
-        _fail(str(exc))
-    except SQLAlchemyError as exc:
-        _fail(_database_error(db or default_db_url(), exc))
-    finally:
-        store.close()
+    if not records:
+        _fail(f"no test pairs in {test_file}")
+    if target:
+        if as_of is not None:
+            _fail("--as-of applies to in-process evaluation; a running graph service answers as of now")
+        with client_commands.make_client(target, token_file, tls_ca, tls_cert, tls_key) as client:
+            metrics = client_commands.evaluate_remote(records, client, progress=progress)
+    else:
+        from trainer.evaluate import evaluate_release
+        rel = _release(_registry(registry), release)
+        store = _store(db)
+        try:
+            metrics = evaluate_release(rel, records, store, batch_size=batch_size, device=device, progress=progress,
+                                       as_of=_utc(as_of))
+        except ValueError as exc:  # a release that does not load (ReleaseUnusable), an as-of before the release
+            _fail(str(exc))
+        except SQLAlchemyError as exc:
+            _fail(_database_error(db or default_db_url(), exc))
+        finally:
+            store.close()
     if as_json:
         typer.echo(json.dumps(metrics))
         return
@@ -405,6 +421,7 @@ def demo(
 from copl_cli import services  # noqa: E402  (serve graph|reward, up: a module of their own)
 
 services.register(app)
+client_commands.register(app)
 
 
 def main() -> None:

@@ -11,11 +11,8 @@ it, and `copl eval --as-of T` reproduces an earlier run. The time is part of the
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timezone
-
-import torch
 
 from copl_common.registry import Release
 from copl_common.release_parts import check_release_parts
@@ -25,11 +22,7 @@ from graph_service.store import PreferenceStore
 from graph_service.user_embeddings import TRAINED, UserEmbeddingResolver
 from reward_service.reward_model import RewardModel
 from reward_service.training import PreferenceExample, pair_margins
-
-
-def _accuracy(correct: torch.Tensor) -> dict:
-    n = int(correct.numel())
-    return {"n_pairs": n, "accuracy": float(correct.float().mean()) if n else None}
+from trainer.metrics import pair_metrics
 
 
 class ReleaseUnusable(ValueError):
@@ -62,25 +55,6 @@ def evaluate_release(release: Release, records: Sequence[PreferenceRecord], stor
     examples = [PreferenceExample(resolved.embeddings[row[r.user_id]] if model.personalized else None,
                                   r.prompt, r.chosen, r.rejected) for r in records]
     margins = pair_margins(model, examples, batch_size=batch_size, progress=progress)   # (N,)
-    correct = margins > 0
-    source = [resolved.sources[row[r.user_id]] for r in records]
-    seen = torch.tensor([s == TRAINED for s in source])
-    controversial = torch.tensor([bool(r.controversial) for r in records])
-    by_group: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        if r.group is not None:
-            by_group[r.group].append(i)
-    sources: dict[str, int] = defaultdict(int)
-    for s in resolved.sources:
-        sources[s] += 1
-    return {
-        "release": release.id,
-        "as_of": as_of.isoformat(),
-        "n_pairs": len(records),
-        "accuracy": float(correct.float().mean()),
-        "controversial_accuracy": _accuracy(correct[controversial])["accuracy"],
-        "seen": _accuracy(correct[seen]),
-        "unseen": _accuracy(correct[~seen]),
-        "by_group": {g: _accuracy(correct[torch.tensor(ix)]) for g, ix in sorted(by_group.items())},
-        "users_by_source": dict(sorted(sources.items())),
-    }
+    seen = [resolved.sources[row[r.user_id]] == TRAINED for r in records]
+    return {**pair_metrics(release.id, records, (margins > 0).tolist(), seen, resolved.sources),
+            "as_of": as_of.isoformat()}
