@@ -114,7 +114,7 @@ def test_db_downgrade_and_upgrade(tmp_path):
     assert proc.returncode == 0 and "schema at revision base" in proc.stdout, proc.stderr
     assert tables() <= {"alembic_version"}
     proc = copl("db", "upgrade", "--db", url, home=tmp_path)
-    assert proc.returncode == 0 and proc.stdout.strip() == "schema at revision 0001", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == "schema at revision 0002", proc.stderr
     assert {"users", "prompts", "responses", "preferences"} <= tables()
 
 
