@@ -34,10 +34,8 @@ def trained(tmp_path_factory):
         return proc.stdout
 
     data = home / "ds"
-    # uf-p-2 (helpfulness vs honesty users): the tiny profile learns both cues within the suite's time.
-    # A quarter of the pairs are ones no two types disagree on, so controversial accuracy is its own subset.
-    copl("synth", "--preset", "uf-p-2", "--users", "200", "--seed", "1", "--non-controversial-fraction", "0.25",
-         "--out", str(data))
+    # uf-p-2 (helpfulness vs honesty users): the tiny profile learns both cues within the suite's time
+    copl("synth", "--preset", "uf-p-2", "--users", "200", "--seed", "1", "--out", str(data))
     copl("ingest", str(data / "train_seen.jsonl"), "--no-progress")
     release_id = copl("train", "--profile", "tiny", "--no-progress").strip().splitlines()[-1]
     before_unseen = datetime.now(timezone.utc)
@@ -91,17 +89,25 @@ def test_unseen_users_are_adapted_and_beat_the_majority_bound(trained):
 
 
 def test_controversial_accuracy_is_over_the_controversial_pairs(trained, tmp_path):
+    """Every pair of the training data is controversial (the paper's setting), so controversial accuracy is
+    all of accuracy there. The same seed with a share of non-controversial pairs gives the same users,
+    types and held-out prompts with other test pairs, a quarter of them ones no two types disagree on."""
     m = trained["metrics"]
-    test = _records(trained["data"] / "test.jsonl")
+    assert m["controversial_accuracy"] == pytest.approx(m["accuracy"])
+    mixed = tmp_path / "mixed"
+    trained["copl"]("synth", "--preset", "uf-p-2", "--users", "200", "--seed", "1",
+                    "--non-controversial-fraction", "0.25", "--out", str(mixed))
+    test = _records(mixed / "test.jsonl")
     controversial = [r for r in test if r["controversial"]]
-    assert 0 < len(controversial) < len(test)
+    assert len(controversial) == 600 and len(test) == 800
     only = tmp_path / "controversial.jsonl"
     only.write_text("".join(json.dumps(r) + "\n" for r in controversial))
-    sub = json.loads(trained["copl"]("eval", str(only), "--json", "--no-progress", "--as-of", m["as_of"]))
-    assert sub["n_pairs"] == len(controversial)
-    # the same pairs scored in other batches: equal up to a pair whose margin sits at float precision
-    assert sub["accuracy"] == pytest.approx(m["controversial_accuracy"], abs=1.01 / len(controversial))
-    assert sub["controversial_accuracy"] == pytest.approx(sub["accuracy"])
+    both = json.loads(trained["copl"]("eval", str(mixed / "test.jsonl"), "--json", "--no-progress"))
+    sub = json.loads(trained["copl"]("eval", str(only), "--json", "--no-progress", "--as-of", both["as_of"]))
+    assert sub["n_pairs"] == 600 and sub["controversial_accuracy"] == pytest.approx(sub["accuracy"])
+    # the same 600 pairs scored in other batches: equal up to a pair whose margin sits at float precision
+    assert both["controversial_accuracy"] == pytest.approx(sub["accuracy"], abs=1.01 / 600)
+    assert both["controversial_accuracy"] != both["accuracy"], "the split must separate something to be tested"
 
 
 def test_eval_as_of_a_time_before_the_later_users_arrived(trained):
