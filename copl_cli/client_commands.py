@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,6 +43,7 @@ def evaluate_remote(records, client, concurrency: int = 64, progress: bool = Tru
     from copl_client import CoplError, ScoreItem
     from trainer.metrics import pair_metrics
     items = [ScoreItem(user_id=r.user_id, prompt=r.prompt, responses=[r.chosen, r.rejected]) for r in records]
+    as_of = datetime.now(timezone.utc)  # the graph service adapts unseen users from every pair stored when asked
     try:
         results = client.score_many(items, concurrency=concurrency, progress=progress)
     except CoplError as exc:
@@ -56,7 +58,7 @@ def evaluate_remote(records, client, concurrency: int = 64, progress: bool = Tru
     for record, result in zip(records, results):
         user_sources.setdefault(record.user_id, result.embedding_source.value)
     return pair_metrics(releases[0], records, [r.scores[0] > r.scores[1] for r in results],
-                        [r.embedding_source.value == "TRAINED" for r in results], list(user_sources.values()))
+                        [r.embedding_source.value == "TRAINED" for r in results], list(user_sources.values()), as_of)
 
 
 def score(

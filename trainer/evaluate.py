@@ -56,5 +56,4 @@ def evaluate_release(release: Release, records: Sequence[PreferenceRecord], stor
                                   r.prompt, r.chosen, r.rejected) for r in records]
     margins = pair_margins(model, examples, batch_size=batch_size, progress=progress)   # (N,)
     seen = [resolved.sources[row[r.user_id]] == TRAINED for r in records]
-    return {**pair_metrics(release.id, records, (margins > 0).tolist(), seen, resolved.sources),
-            "as_of": as_of.isoformat()}
+    return pair_metrics(release.id, records, (margins > 0).tolist(), seen, resolved.sources, as_of)
