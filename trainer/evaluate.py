@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 
 from copl_common.registry import Release
-from graph_service.embeddings import GNNCheckpoint
+from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.records import PreferenceRecord
 from graph_service.store import PreferenceStore
-from graph_service.user_embeddings import TRAINED, UserEmbeddingResolver
+from graph_service.user_embeddings import UserEmbeddingResolver
 from reward_service.reward_model import RewardModel
 from reward_service.training import PreferenceExample, pair_margins
 
@@ -40,7 +40,7 @@ def evaluate_release(release: Release, records: Sequence[PreferenceRecord], stor
     margins = pair_margins(model, examples, batch_size=batch_size, progress=progress)   # (N,)
     correct = margins > 0
     source = [resolved.sources[row[r.user_id]] for r in records]
-    seen = torch.tensor([s == TRAINED for s in source])
+    seen = torch.tensor([s == Source.TRAINED for s in source])
     controversial = torch.tensor([bool(r.controversial) for r in records])
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
