@@ -1,11 +1,12 @@
 """Training profiles, all in this one place: one name picks the GNN and the reward-model settings together,
 and the reward model's gate always takes the GNN's embedding width.
 
-Wall times are `copl train` on 2 CPU cores of this machine (AMD EPYC, bf16 backbone), whole pipeline
-(snapshot, GNN, reward model, release), measured with the settings below:
+Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measurements:
 
-  tiny   tests and smoke runs. 400 users of uf-p-2 (`copl demo`): about 10 s.
-  small  accuracy runs on CPU. 1,000 users of uf-p-4 (bench/accuracy.py): about 3.5 minutes.
+  tiny   tests and smoke runs: the whole `copl demo` (400 users of uf-p-2: synth, ingest, train, eval)
+         took 24 s on a quiet machine.
+  small  accuracy runs on CPU: 1,000 users of uf-p-4 train in 3-3.6 minutes (`copl demo --preset uf-p-4
+         --users 1000 --profile small`; bench/accuracy.py's "train s" column, docs/RESULTS.md).
   paper  the paper's reference sizes (GNN 4 x 512; MoLE E=8, k=1, r=8, alpha=16 on every block), for a GPU.
 """
 from __future__ import annotations
