@@ -19,8 +19,8 @@ Writes docs/RESULTS.md and docs/accuracy.png. Last line: one JSON object with co
 uniform and majority_bound for uf-p-4 ALL.
 
     .venv/bin/python bench/accuracy.py            # 4 datasets x 1,000 users, profile small
-    .venv/bin/python bench/accuracy.py --quick    # uf-p-2 ALL, 60 users, profile tiny, copl + uniform:
-                                                  # a smoke run of the whole path (minutes, not the table)
+    .venv/bin/python bench/accuracy.py --quick    # uf-p-2 ALL, 60 users, profile tiny with 20 reward-model steps, copl + uniform:
+                                                  # a smoke run of the whole path (under a minute, not the table)
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def run_dataset(preset: str, avg: bool, args, work: Path) -> dict:
             start = time.perf_counter()
             releases[variant] = train_release(TrainRequest(
                 db_url=url, registry=data / "registry", profile=args.profile, make_current=False,
-                progress=not args.no_progress, **VARIANTS[variant]))
+                reward_max_steps=args.reward_steps, progress=not args.no_progress, **VARIANTS[variant]))
             seconds[variant] = time.perf_counter() - start
             print(f"[{name}] trained {variant} in {seconds[variant]:.0f}s", file=sys.stderr, flush=True)
         ingest_files(store, [data / "train_unseen.jsonl"], progress=False)
@@ -136,11 +136,13 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="uf-p-2 ALL, 60 users, profile tiny, copl + uniform")
+    parser.add_argument("--quick", action="store_true", help="uf-p-2 ALL, 60 users, profile tiny with 20 reward-model steps, copl + uniform")
     parser.add_argument("--users", type=int, default=None)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--datasets", default=None, help="e.g. 'uf-p-4,uf-p-4-avg' (default: all four)")
     parser.add_argument("--variants", default=None, help="e.g. 'copl,uniform' (default: all that apply)")
+    parser.add_argument("--reward-steps", type=int, default=None,
+                        help="reward-model steps instead of the profile's (--quick: 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="where RESULTS.md and accuracy.png go (default: docs/; --quick writes none)")
@@ -150,6 +152,7 @@ def main() -> None:
     args.profile = args.profile or ("tiny" if args.quick else "small")
     if args.quick:
         args.variants = args.variants or "copl,uniform"
+        args.reward_steps = args.reward_steps or 20
     datasets = [("uf-p-2", False)] if args.quick else DATASETS
     if args.datasets:
         wanted = {d.strip() for d in args.datasets.split(",")}

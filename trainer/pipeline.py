@@ -52,6 +52,7 @@ class TrainRequest:
     num_experts: int | None = None         # ablation: override the profile's E (e.g. 1)
     user_embeddings: str = "gnn"           # ablation: "random" replaces every trained user embedding by a random
                                            # unit vector, so the gate sees user identity without collaborative signal
+    reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True
     progress: bool = True
@@ -78,6 +79,10 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
     if request.num_experts is not None:
         mole = replace(mole, num_experts=request.num_experts, top_k=min(mole.top_k, request.num_experts))
     rm_model_cfg = replace(prof.reward_model, mole=mole)
+    rm_train_cfg = prof.reward_training
+    if request.reward_max_steps is not None:
+        rm_train_cfg = replace(rm_train_cfg, max_steps=request.reward_max_steps,
+                               warmup_steps=min(rm_train_cfg.warmup_steps, request.reward_max_steps - 1))
     started = time.perf_counter()
     with PreferenceStore(request.db_url) as store:
         snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here
@@ -101,9 +106,9 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
         users = users if request.personalized else None
         train, selection, held_out = (_examples(texts, rows, users, snapshot.triples) for rows in holdout)
         model = RewardModel(rm_model_cfg)
-        rm_metrics = train_reward_model(model, train, selection, prof.reward_training, out_dir=plots,
+        rm_metrics = train_reward_model(model, train, selection, rm_train_cfg, out_dir=plots,
                                         report=report, progress=request.progress)
-        reported = (evaluate(model, held_out, prof.reward_training.eval_batch_size) if held_out
+        reported = (evaluate(model, held_out, rm_train_cfg.eval_batch_size) if held_out
                     else {"accuracy": None, "loss": None})
         model.save(staged / "reward", manifest_extra={
             "gnn_checkpoint": {"path": "../gnn", "manifest_sha256": sha256_file(gnn_dir / "manifest.json")},
