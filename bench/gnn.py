@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from graph_service.adaptation import adapt
 from graph_service.gnn import SignedAdjacency, SignedGCN, pair_scores
 from graph_service.gnn_eval import evaluate_pairs
-from graph_service.gnn_training import GNN_PROFILES, holdout_split, train_gnn
+from graph_service.gnn_training import train_gnn
+from graph_service.holdout import holdout_split
 from graph_service.snapshot import GraphSnapshot
-from graph_service.typed_graph import typed_graph
+from testkit.typed_graph import typed_graph
+from trainer.profiles import PROFILE_NAMES, profile
 
 UNSEEN = 1000
 
@@ -41,7 +43,7 @@ def peak_rss_gb() -> float:
 def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int) -> float:
     """The paper's loop: for every 1,024 triples, propagate the whole graph, backward, step."""
     g = torch.Generator().manual_seed(0)
-    train_rows, _ = holdout_split(snapshot.triples, snapshot.num_users, g)
+    train_rows = holdout_split(snapshot.triples, snapshot.num_users, seed=0).train
     graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[train_rows])
     device = torch.device(config.device)
     adj = SignedAdjacency.from_edges(graph.positive_edges(), graph.negative_edges(),
@@ -85,7 +87,7 @@ def run_size(n: int, args) -> dict:
     snap = graph.snapshot
     gen_s = time.perf_counter() - t0
     edges = int(snap.positive_edges().shape[1] + snap.negative_edges().shape[1])
-    config = dataclasses.replace(GNN_PROFILES[args.profile], device=args.device)
+    config = dataclasses.replace(profile(args.profile).gnn, device=args.device)
     if n >= args.checkpoint_layers_from:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, checkpoint_layers=True))
     converge = n <= args.converge_max
@@ -122,7 +124,7 @@ def run_size(n: int, args) -> dict:
         "step_s": step_s, "epoch_s": ours_epoch_s, "paper_minibatch_s": paper_mb_s,
         "paper_epoch_s_extrapolated": paper_epoch_s,
         "converged": converge, "train_s": run.seconds, "steps": len(run.history["step"]),
-        "val_accuracy": run.val_accuracy, "seen_accuracy": seen_acc if converge else None,
+        "selection_accuracy": run.selection_accuracy, "seen_accuracy": seen_acc if converge else None,
         "unseen_accuracy": unseen_acc if converge else None,
         "adapt_p50_ms": percentile_ms(single, 0.5), "adapt_p99_ms": percentile_ms(single, 0.99),
         "adapt_batch1000_p50_ms": percentile_ms(batch, 0.5), "adapt_batch1000_p99_ms": percentile_ms(batch, 0.99),
@@ -154,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10k users, timed steps only (no convergence run)")
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated user counts")
-    parser.add_argument("--profile", default="small", choices=sorted(GNN_PROFILES))
+    parser.add_argument("--profile", default="small", choices=PROFILE_NAMES)
     parser.add_argument("--converge-max", type=int, default=100_000,
                         help="train to early stopping up to this many users; larger sizes time --steps steps")
     parser.add_argument("--steps", type=int, default=3, help="timed steps for sizes not trained to convergence")
@@ -177,7 +179,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"profile {args.profile}: width {rows[-1]['width']}, layers {rows[-1]['layers']}, batch "
-          f"{GNN_PROFILES[args.profile].batch_triples} triples/step; torch threads {torch.get_num_threads()}")
+          f"{profile(args.profile).gnn.batch_triples} triples/step; torch threads {torch.get_num_threads()}")
     print(f"paper epoch s (extrapolated) = ceil(triples / 1024) x the mean of {args.baseline_minibatches} timed "
           "minibatches of our layer in the paper's loop (a full propagation per 1,024 triples), not a measured epoch")
     print_table(rows)

@@ -234,9 +234,14 @@ def train(
     except SQLAlchemyError as exc:  # the store went away while training
         _fail(_database_error(url, exc))
     metrics = release.manifest["metrics"]
-    gnn_acc = metrics["gnn"]["val_accuracy"]  # None when no user had two pairs to hold one out
-    typer.echo(f"held-out context pairs: GNN accuracy {'n/a' if gnn_acc is None else f'{gnn_acc:.3f}'}, "
-               f"reward model accuracy {metrics['reward']['val_accuracy']:.3f}; {metrics['seconds']:.0f}s", err=True)
+    part = metrics["holdout"]
+    if metrics["report_accuracy"] is None:  # too few users with pairs to hold out (README: awkward stores)
+        typer.echo(f"no held-out report pairs ({part['selection_pairs']} selection pairs): held-out accuracy "
+                   f"not measured; {metrics['seconds']:.0f}s", err=True)
+    else:
+        typer.echo(f"held-out report part ({part['report_pairs']} pairs of {part['report_users']} users, unseen by "
+                   f"training and early stopping): reward model accuracy {metrics['report_accuracy']:.3f}, "
+                   f"GNN accuracy {metrics['gnn']['report_accuracy']:.3f}; {metrics['seconds']:.0f}s", err=True)
     typer.echo(release.id)
 
 
@@ -319,10 +324,10 @@ def releases_list(registry: RegistryOption = None,
         m = rel.manifest
         row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at, "profile": m.get("profile"),
                "users": m.get("data", {}).get("users"),
-               "reward_val_accuracy": m.get("metrics", {}).get("reward", {}).get("val_accuracy")}
+               "report_accuracy": m.get("metrics", {}).get("report_accuracy")}
         typer.echo(json.dumps(row) if as_json else
                    f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  profile={row['profile']}  "
-                   f"users={row['users']}  val_acc={row['reward_val_accuracy']}")
+                   f"users={row['users']}  report_acc={row['report_accuracy']}")
     for bad in broken:
         typer.secho(f"error: {' '.join(bad.reason.split())}", fg=typer.colors.RED, err=True)
     if broken:

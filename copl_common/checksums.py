@@ -15,11 +15,24 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def read_manifest(directory: str | Path, name: str, expected_format: str) -> dict:
-    """A saved artefact's JSON manifest, after checking that it exists and has the expected format."""
-    path = Path(directory) / name
+    """A saved artefact's JSON manifest, after checking that it exists, has the expected format, and that
+    every file it lists (`"files": {file name: {"sha256": hex digest, ...}}`, names inside `directory`)
+    is there with that digest. Raises ValueError naming the first problem."""
+    directory = Path(directory)
+    path = directory / name
     if not path.is_file():
         raise ValueError(f"no {name} in {directory}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != expected_format:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {expected_format!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ValueError(f"{path}: format {found!r}, expected {expected_format!r}")
+    for file_name, entry in manifest.get("files", {}).items():
+        file = directory / file_name
+        if Path(file_name).name != file_name or not file.is_file():
+            raise ValueError(f"{file} is missing (listed in {path})")
+        if sha256_file(file) != entry["sha256"]:
+            raise ValueError(f"{file}: sha256 does not match {path}")
     return manifest

@@ -24,19 +24,13 @@ Everything is batched tensor work: candidates and pairs are padded per user to (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from itertools import chain
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from graph_service.embeddings import GNNCheckpoint
-
-
-class Source(StrEnum):
-    ADAPTED = "ADAPTED"
-    DEFAULT = "DEFAULT"
+from graph_service.embeddings import GNNCheckpoint, Source
 
 
 @dataclass(frozen=True)

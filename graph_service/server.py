@@ -1,7 +1,6 @@
 """The graph service's gRPC server: a thin servicer over graph_service/serving.py, and its lifecycle."""
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from copl.v1 import common_pb2, graph_pb2, graph_pb2_grpc

@@ -36,7 +36,8 @@ from copl_common.settings import LIMITS
 from graph_service.embeddings import GNNCheckpoint
 from graph_service.records import PreferenceRecord, content_hash, parse_record
 from graph_service.store import PreferenceStore
-from graph_service.user_embeddings import DEFAULT, TRAINED, UserEmbeddingResolver
+from graph_service.embeddings import Source
+from graph_service.user_embeddings import UserEmbeddingResolver
 
 log = logging.getLogger("copl.graph")
 
@@ -74,7 +75,7 @@ def load_graph_release(release: Release) -> GraphRelease:
     norms = smoke.embeddings.norm(dim=1)
     if not torch.isfinite(smoke.embeddings).all() or not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
         raise ValueError(f"release {release.id}: smoke embeddings are not finite unit vectors")
-    if smoke.sources[0] != TRAINED:
+    if smoke.sources[0] != Source.TRAINED:
         raise ValueError(f"release {release.id}: a trained user did not resolve to its trained embedding")
     return GraphRelease(checkpoint, resolver)
 
@@ -231,7 +232,7 @@ class GraphCore:
         inline: dict[str, list[tuple[str, str]]] = {}
         for i, (q, row) in enumerate(zip(queries, idx)):
             if row >= 0:
-                out[i] = UserEmbedding(q.user_id, checkpoint.user_embeddings[row].tolist(), TRAINED)
+                out[i] = UserEmbedding(q.user_id, checkpoint.user_embeddings[row].tolist(), Source.TRAINED)
             elif q.context:
                 inline[q.user_id] = [(content_hash(c), content_hash(r)) for _p, c, r in q.context]
             elif (entry := self.cache.get(loaded.id, q.user_id)) is not None:
@@ -268,7 +269,7 @@ class GraphCore:
         pairs = self.store.pairs_of(stored_users) if stored_users else {}
         pairs.update(inline)
         with_pairs = [u for u, p in pairs.items() if p]
-        out = {u: _Entry(graph.checkpoint.default_embedding.tolist(), DEFAULT, 0) for u, p in pairs.items() if not p}
+        out = {u: _Entry(graph.checkpoint.default_embedding.tolist(), Source.DEFAULT, 0) for u, p in pairs.items() if not p}
         if with_pairs:
             resolved = graph.resolver.resolve(with_pairs, context={u: pairs[u] for u in with_pairs})
             for u, vector, source in zip(with_pairs, resolved.embeddings.tolist(), resolved.sources):

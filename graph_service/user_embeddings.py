@@ -21,10 +21,8 @@ from typing import NamedTuple
 import torch
 
 from graph_service.adaptation import AdaptationConfig, adapt
-from graph_service.embeddings import GNNCheckpoint
+from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.store import PreferenceStore
-
-TRAINED, ADAPTED, DEFAULT = "TRAINED", "ADAPTED", "DEFAULT"
 
 
 class UnknownUsers(LookupError):
@@ -38,7 +36,7 @@ class UnknownUsers(LookupError):
 
 class ResolvedEmbeddings(NamedTuple):
     embeddings: torch.Tensor   # (B, d), unit norm
-    sources: list[str]         # TRAINED | ADAPTED | DEFAULT per user
+    sources: list[Source]      # TRAINED | ADAPTED | DEFAULT per user
 
 
 class UserEmbeddingResolver:
@@ -56,7 +54,7 @@ class UserEmbeddingResolver:
         context = context or {}
         idx = self.checkpoint.user_indices(list(user_ids))                       # (B,), -1 unseen
         embeddings = torch.empty(len(user_ids), self.checkpoint.dim)
-        sources = [TRAINED] * len(user_ids)
+        sources = [Source.TRAINED] * len(user_ids)
         seen = idx >= 0
         embeddings[seen] = self.checkpoint.user_embeddings[idx[seen]]
         unseen = (~seen).nonzero().flatten().tolist()
@@ -74,9 +72,9 @@ class UserEmbeddingResolver:
             rows = torch.tensor([i for i, _ in with_pairs])
             embeddings[rows] = adapted.embeddings.to(embeddings.dtype)
             for i, source in zip(rows.tolist(), adapted.sources):
-                sources[i] = str(source)
+                sources[i] = source
         for i, p in zip(unseen, pairs):
             if not p:
                 embeddings[i] = self.checkpoint.default_embedding.to(embeddings.dtype)
-                sources[i] = DEFAULT
+                sources[i] = Source.DEFAULT
         return ResolvedEmbeddings(embeddings, sources)

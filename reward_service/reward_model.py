@@ -30,14 +30,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from copl_common.checksums import read_manifest as checked_manifest  # this module's read_manifest adds file checks
-from copl_common.checksums import sha256_file
+from copl_common.checksums import read_manifest, sha256_file
+from copl_common.seeding import seeded
 from reward_service.backbone import DEFAULT_BACKBONE, is_causal_backbone, load_backbone, resolve_device_dtype
-from reward_service.mole import MoLEConfig, MoLELinear, inject_mole, route
+from reward_service.mole import MoLEConfig, inject_mole, route
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
-FORMAT = "copl-mole-reward-model/1"
+FORMAT = "copl-mole-reward-model/2"  # /2: "files" entries are {"sha256": ...}, as in every manifest
 DECODER_SEPARATOR = "\n\n"
 
 
@@ -108,8 +108,7 @@ class RewardModel(nn.Module):
                 if self.tokenizer.eos_token is None:
                     raise ValueError(f"backbone {cfg.backbone!r} tokenizer has neither a pad nor an eos token")
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
+        with seeded(cfg.seed, self.device):  # seeded init without touching the caller's RNG
             self.mole_layers = inject_mole(self.backbone, cfg.mole)
             self.head = nn.Linear(self.backbone.config.hidden_size, 1, device=self.device)
         self._blocks, self.frozen_blocks = _block_list(self.backbone, list(self.mole_layers))
@@ -260,7 +259,7 @@ class RewardModel(nn.Module):
             "hidden_size": self.backbone.config.hidden_size,
             "pooling": self.pooling,
             "config": asdict(self.cfg),
-            "files": {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)},
+            "files": {WEIGHTS_NAME: {"sha256": sha256_file(out / WEIGHTS_NAME)}},
             "extra": dict(manifest_extra or {}),
         }
         tmp = out / (MANIFEST_NAME + ".tmp")
@@ -272,7 +271,7 @@ class RewardModel(nn.Module):
     def load(cls, model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None) -> "RewardModel":
         """Rebuild from `save` output; `device`/`dtype` override the saved settings (e.g. cuda/bf16 to serve)."""
         d = Path(model_dir)
-        manifest = read_manifest(d)
+        manifest = read_manifest(d, MANIFEST_NAME, FORMAT)
         cfg = RewardModelConfig(**manifest["config"])
         cfg.device = device or cfg.device
         cfg.dtype = dtype or cfg.dtype
@@ -291,15 +290,3 @@ class RewardModel(nn.Module):
                     raise ValueError(f"shape mismatch for {name}: saved {tuple(state[name].shape)}, model {tuple(p.shape)}")
                 p.copy_(state[name])
         return model
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a saved reward model, after checking the format and every file's sha256."""
-    d = Path(model_dir)
-    manifest = checked_manifest(d, MANIFEST_NAME, FORMAT)
-    for name, digest in manifest["files"].items():
-        if not (d / name).is_file():
-            raise ValueError(f"{d / name} is missing")
-        if sha256_file(d / name) != digest:
-            raise ValueError(f"checksum mismatch for {d / name}")
-    return manifest

@@ -10,7 +10,7 @@ import torch
 
 from copl.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from copl_common.auth import load_write_token
-from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from copl_common.registry import Registry, Release
 from copl_common.release_holder import ReleaseHolder
 from copl_common.server import GrpcServer, release_info, run_until_signalled

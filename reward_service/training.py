@@ -17,9 +17,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from reward_service.mole import MoLEConfig
-from reward_service.reward_model import FrozenPrefixUnsupported, RewardModel, RewardModelConfig
+from copl_common.plots import save_training_curve
+from copl_common.seeding import seeded
+from reward_service.reward_model import FrozenPrefixUnsupported, RewardModel
 
 
 class PreferenceExample(NamedTuple):
@@ -37,12 +39,12 @@ class RMTrainConfig:
     weight_decay: float = 0.0  # the adapters are low-rank already
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0 at max_steps
     max_steps: int = 1000  # optimizer steps
-    eval_every: int = 50  # optimizer steps between validation passes
-    eval_batch_size: int = 64  # pairs per validation forward
-    eval_max_pairs: int | None = 512  # mid-training passes score a fixed random subset this big (None: all);
-    # the restored best weights are scored on the whole val set at the end. Val is one pair per user, so
-    # at 1,000 users a full pass per check would cost minutes on CPU
-    patience: int = 4  # validation passes without a new best accuracy before stopping early
+    eval_every: int = 50  # optimizer steps between early-stopping checks on the selection pairs
+    eval_batch_size: int = 64  # pairs per scoring forward
+    eval_max_pairs: int | None = 512  # checks score a fixed random subset of the selection pairs this big (None:
+    # all); the kept weights are scored on the whole selection part at the end. At 1,000 users a full pass per
+    # check would cost minutes on CPU
+    patience: int = 4  # checks without a new best selection accuracy before stopping early
     max_grad_norm: float = 1.0  # clip: gate logits can jump early in training
     frozen_cache_gb: float = 4.0  # memory for the frozen-prefix states of the distinct training texts (bound:
     # texts x max_length x hidden x dtype bytes); above it, or at 0, every step runs the whole backbone
@@ -58,45 +60,6 @@ class RMTrainConfig:
             raise ValueError("eval_max_pairs must be >= 1 or None")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and warmup_steps >= 0")
-
-
-@dataclass(frozen=True)
-class RMProfile:
-    model: RewardModelConfig
-    train: RMTrainConfig
-
-
-# tiny: tests (about 1 min on 2 CPU cores). small: ~1,000 users x 16 pairs in ~15 min on 2 CPU cores, so the
-# top two blocks only. paper: reference sizes (E=8, k=1, r=8, alpha=16, all blocks) for a GPU.
-# max_length 96 covers 97% of synthetic uf-p inputs (32 cut the response cues off). Targets add the attention
-# and FFN outputs ("output.dense" matches both) to peft's query/value: on uf-p-4 the attribute cues are linearly
-# readable at block 4 but much less so after block 6 (probe), so the top blocks need room to keep them.
-# lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over three
-# seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.913 at 5e-4; 500 steps at 1e-3 gave 0.957. 400 steps fit the
-# 15-minute budget with room: the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
-# user_dim is the GNN width; callers set it to the GNN they pair with.
-_TARGETS = ("query", "value", "output.dense")
-RM_PROFILES: dict[str, RMProfile] = {
-    "tiny": RMProfile(
-        model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=32, num_experts=4, rank=4, alpha=8.0,
-                                                               gate_hidden=64, target_modules=_TARGETS,
-                                                               last_n_layers=2)),
-        train=RMTrainConfig(batch_size=16, max_steps=40, warmup_steps=3, eval_every=10, lr=2e-3, patience=3,
-                            eval_max_pairs=128),
-    ),
-    "small": RMProfile(
-        model=RewardModelConfig(max_length=96, mole=MoLEConfig(user_dim=64, target_modules=_TARGETS,
-                                                               last_n_layers=2)),
-        # patience 5 of 8 checks: an earlier run stopped on a dip of the 512-pair check subset while its train
-        # loss still fell; the best checkpoint is restored either way
-        train=RMTrainConfig(batch_size=32, max_steps=400, warmup_steps=20, eval_every=50, lr=1e-3, patience=5),
-    ),
-    "paper": RMProfile(
-        model=RewardModelConfig(max_length=512, mole=MoLEConfig(user_dim=512)),
-        train=RMTrainConfig(batch_size=16, grad_accum=2, max_steps=5000, warmup_steps=100, eval_every=250,
-                            lr=1e-4, eval_batch_size=128),
-    ),
-}
 
 
 class _PairTexts:
@@ -201,39 +164,53 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
             yield perm[i:i + batch_size]
 
 
-def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], val: Sequence[PreferenceExample],
+def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], selection: Sequence[PreferenceExample],
                        cfg: RMTrainConfig, out_dir: str | os.PathLike | None = None,
                        report: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train in place; the best validation-accuracy weights are restored at the end.
+    """Train in place on `train`; `selection` picks the weights.
 
-    Writes `reward_training_curve.png` and `history.json` into `out_dir` when given. `report` gets one metrics dict
-    per validation pass (for Ray Train: `lambda m: ray.train.report(m)`).
+    Every `eval_every` steps the selection pairs (a fixed random subset of `eval_max_pairs` when there are more)
+    are scored; the best-accuracy weights are restored at the end, and training stops after `patience` checks
+    without a new best. With no selection pairs it trains `max_steps` and keeps the last weights (metrics say
+    so: selection_accuracy None). Writes `reward_training_curve.png` and `history.json` into `out_dir` when
+    given. `report` gets one metrics dict per check (for Ray Train: `lambda m: ray.train.report(m)`).
     """
     _check_examples(model, train, "train")
-    _check_examples(model, val, "val")
-    torch.manual_seed(cfg.seed)  # gate noise and dropout
+    if selection:
+        _check_examples(model, selection, "selection")
+    with seeded(cfg.seed, model.device):  # gate noise and dropout
+        metrics = _train(model, train, selection, cfg, report, progress)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "history.json").write_text(json.dumps(metrics, indent=2))
+        history = metrics["history"]
+        checked = [h for h in history if "selection_loss" in h]
+        save_training_curve(out / "reward_training_curve.png", "Reward model training", "optimizer step",
+                            "Bradley-Terry loss", [h["step"] for h in history], [h["train_loss"] for h in history],
+                            [h["step"] for h in checked], [h["selection_loss"] for h in checked],
+                            [h["selection_accuracy"] for h in checked])
+    return metrics
+
+
+def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Sequence[PreferenceExample],
+           cfg: RMTrainConfig, report: Callable[[dict[str, Any]], None] | None, progress: bool) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)  # data order
     params = list(model.trainable_parameters().values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def lr_factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    # one table for both: validation pairs reuse the training responses, so their frozen states too
-    texts = _PairTexts(model, [*train, *val], cfg.frozen_cache_gb * 2**30, cfg.eval_batch_size, progress)
-    val_rows = list(range(len(train), len(train) + len(val)))
-    if cfg.eval_max_pairs is not None and cfg.eval_max_pairs < len(val):
-        check_rows = [val_rows[i] for i in torch.randperm(len(val), generator=gen)[:cfg.eval_max_pairs].tolist()]
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps, min_lr_rate=0.0)
+    # one table for both: selection pairs reuse the training responses, so their frozen states too
+    texts = _PairTexts(model, [*train, *selection], cfg.frozen_cache_gb * 2**30, cfg.eval_batch_size, progress)
+    selection_rows = list(range(len(train), len(train) + len(selection)))
+    if cfg.eval_max_pairs is not None and cfg.eval_max_pairs < len(selection):
+        check_rows = [selection_rows[i]
+                      for i in torch.randperm(len(selection), generator=gen)[:cfg.eval_max_pairs].tolist()]
     else:
-        check_rows = val_rows
+        check_rows = selection_rows
     batches = _batches(len(train), cfg.batch_size, gen)
     history: list[dict[str, Any]] = []
-    best = {"val_accuracy": -1.0, "val_loss": math.inf, "step": 0, "state": None}
-    evals_since_best, window_loss, window_n, step = 0, 0.0, 0, 0
+    best = {"accuracy": -1.0, "loss": math.inf, "step": 0, "state": None}
+    checks_since_best, window_loss, window_n, step = 0, 0.0, 0, 0
     stopped_early = False
     model.train()
     bar = tqdm(total=cfg.max_steps, desc="reward model", disable=not progress)
@@ -250,61 +227,39 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], v
         step += 1
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_metrics = _loss_accuracy(texts.eval_margins(model, check_rows, cfg.eval_batch_size))
-            row = {"step": step, "train_loss": window_loss / window_n, "val_loss": val_metrics["loss"],
-                   "val_accuracy": val_metrics["accuracy"], "lr": sched.get_last_lr()[0]}
-            history.append(row)
+            row = {"step": step, "train_loss": window_loss / window_n, "lr": sched.get_last_lr()[0]}
             window_loss, window_n = 0.0, 0
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_accuracy']:.3f}")
+            if check_rows:
+                checked = _loss_accuracy(texts.eval_margins(model, check_rows, cfg.eval_batch_size))
+                row |= {"selection_loss": checked["loss"], "selection_accuracy": checked["accuracy"]}
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", sel_acc=f"{checked['accuracy']:.3f}")
+            history.append(row)
             if report is not None:
                 report(dict(row))
-            if row["val_accuracy"] > best["val_accuracy"]:
+            if not check_rows:
+                continue
+            if checked["accuracy"] > best["accuracy"]:
                 state = {n: p.detach().clone() for n, p in model.trainable_parameters().items()}
-                best, evals_since_best = {"val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
-                                          "step": step, "state": state}, 0
+                best, checks_since_best = {**checked, "step": step, "state": state}, 0
             else:
-                evals_since_best += 1
-                if evals_since_best >= cfg.patience:
+                checks_since_best += 1
+                if checks_since_best >= cfg.patience:
                     stopped_early = True
                     break
     bar.close()
-    with torch.no_grad():
-        for name, p in model.trainable_parameters().items():
-            p.copy_(best["state"][name])
+    if best["state"] is not None:
+        with torch.no_grad():
+            for name, p in model.trainable_parameters().items():
+                p.copy_(best["state"][name])
     model.eval()
-    final = (_loss_accuracy(texts.eval_margins(model, val_rows, cfg.eval_batch_size)) if check_rows is not val_rows
-             else {"loss": best["val_loss"], "accuracy": best["val_accuracy"]})  # the whole val set
-    metrics = {"best_val_accuracy": best["val_accuracy"], "best_step": best["step"], "steps": step,
-               "val_accuracy": final["accuracy"], "val_loss": final["loss"], "val_pairs": len(val),
-               "stopped_early": stopped_early, "history": history, "config": asdict(cfg)}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "history.json").write_text(json.dumps(metrics, indent=2))
-        plot_training_curve(history, out / "reward_training_curve.png")
-    return metrics
-
-
-def plot_training_curve(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Train/val loss (left axis) and val accuracy (right axis) against optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax.plot(steps, [h["val_loss"] for h in history], marker="o", label="val loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("Bradley-Terry loss")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [h["val_accuracy"] for h in history], color="tab:green", marker="s", label="val accuracy")
-    ax2.set_ylabel("val accuracy")
-    ax2.set_ylim(0, 1)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if not selection_rows:
+        final = {"loss": None, "accuracy": None}
+    elif check_rows is selection_rows:
+        final = {"loss": best["loss"], "accuracy": best["accuracy"]}
+    else:  # the checks saw a subset: score the kept weights on the whole selection part
+        final = _loss_accuracy(texts.eval_margins(model, selection_rows, cfg.eval_batch_size))
+    return {"selection_accuracy": final["accuracy"], "selection_loss": final["loss"],
+            "selection_pairs": len(selection), "checked_pairs": len(check_rows),
+            "best_check_accuracy": best["accuracy"] if best["state"] is not None else None,
+            "best_step": best["step"] if best["state"] is not None else step, "steps": step,
+            "stopped_early": stopped_early, "history": history, "config": asdict(cfg)}

@@ -7,16 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graph_service.adaptation import AdaptationConfig, Source, adapt
+from graph_service.adaptation import AdaptationConfig, adapt
+from graph_service.embeddings import Source
 from graph_service.gnn_eval import evaluate_pairs
-from graph_service.gnn_training import GNN_PROFILES, train_gnn
-from graph_service.typed_graph import typed_graph
+from graph_service.gnn_training import train_gnn
+from testkit.typed_graph import typed_graph
+from trainer.profiles import profile
 
 
 @pytest.fixture(scope="module")
 def trained():
     graph = typed_graph(400, num_unseen=40, seed=5)
-    run = train_gnn(graph.snapshot, dataclasses.replace(GNN_PROFILES["tiny"], max_steps=60), progress=False)
+    run = train_gnn(graph.snapshot, dataclasses.replace(profile("tiny").gnn, max_steps=60), progress=False)
     return graph, run.checkpoint
 
 
@@ -107,7 +109,7 @@ def test_bad_input_raises_value_error(trained):
 def test_quality_on_typed_users_seen_and_unseen():
     """4 types, 16 controversial pairs per user: seen >= 0.90, unseen within 0.05 of seen."""
     graph = typed_graph(1000, num_unseen=300, seed=1)
-    ck = train_gnn(graph.snapshot, GNN_PROFILES["small"], progress=False).checkpoint
+    ck = train_gnn(graph.snapshot, profile("small").gnn, progress=False).checkpoint
     seen = evaluate_pairs(ck, graph.seen_test[:, 0], graph.seen_test[:, 1], graph.seen_test[:, 2])
     result = adapt(ck, graph.unseen_context)
     test = graph.unseen_test

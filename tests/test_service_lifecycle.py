@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 import urllib.request
-from types import SimpleNamespace
 
 import grpc
 import psycopg

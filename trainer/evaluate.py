@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 
 from copl_common.registry import Release
 from copl_common.release_parts import check_release_parts
-from graph_service.embeddings import GNNCheckpoint
+from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.records import PreferenceRecord
 from graph_service.store import PreferenceStore
-from graph_service.user_embeddings import TRAINED, UserEmbeddingResolver
+from graph_service.user_embeddings import UserEmbeddingResolver
 from reward_service.reward_model import RewardModel
 from reward_service.training import PreferenceExample, pair_margins
 from trainer.metrics import pair_metrics
@@ -55,5 +55,5 @@ def evaluate_release(release: Release, records: Sequence[PreferenceRecord], stor
     examples = [PreferenceExample(resolved.embeddings[row[r.user_id]] if model.personalized else None,
                                   r.prompt, r.chosen, r.rejected) for r in records]
     margins = pair_margins(model, examples, batch_size=batch_size, progress=progress)   # (N,)
-    seen = [resolved.sources[row[r.user_id]] == TRAINED for r in records]
+    seen = [resolved.sources[row[r.user_id]] == Source.TRAINED for r in records]
     return pair_metrics(release.id, records, (margins > 0).tolist(), seen, resolved.sources, as_of)

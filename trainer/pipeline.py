@@ -3,6 +3,22 @@
 `train_release` is a plain function: `copl train` calls it in-process and the Ray job entry point
 runs the same function on a cluster. The GNN and the reward model trained on its embedding space
 are published together as one immutable release (copl_common/registry.py).
+
+Held-out pairs (graph_service/holdout.py) have no edge in the graph the GNN trains on and are split by
+user into a selection part (early stopping of the GNN and the reward model) and a report part that
+nothing looks at before training ends. The release's metrics (metrics.json, and release.json "metrics"):
+
+  report_accuracy   the reward model's pair accuracy on the report part: THE held-out figure of a release,
+                    the key releases are compared on (None when the report part is empty)
+  report_pairs      its number of pairs
+  holdout           train_pairs, selection_pairs, selection_users, report_pairs, report_users
+  gnn               selection_accuracy / selection_loss (at the kept step), report_accuracy (GNN scores on
+                    the report part), best_step, steps, train_seconds
+  reward            selection_accuracy / selection_loss (kept weights, whole selection part), report_accuracy,
+                    report_loss, selection_pairs, checked_pairs, best_check_accuracy, best_step, steps,
+                    stopped_early, config
+  seconds           wall time of the whole run
+A selection_* figure picked the weights, so it is optimistic; only report_* figures are held out.
 """
 from __future__ import annotations
 
@@ -19,9 +35,10 @@ import torch
 from copl_common.checksums import sha256_file
 from copl_common.registry import Registry, Release
 from graph_service.gnn_training import train_gnn
+from graph_service.holdout import holdout_split
 from graph_service.store import PreferenceStore
 from reward_service.reward_model import RewardModel
-from reward_service.training import PreferenceExample, train_reward_model
+from reward_service.training import PreferenceExample, evaluate, train_reward_model
 from trainer.profiles import profile as get_profile
 
 
@@ -35,6 +52,7 @@ class TrainRequest:
     num_experts: int | None = None         # ablation: override the profile's E (e.g. 1)
     user_embeddings: str = "gnn"           # ablation: "random" replaces every trained user embedding by a random
                                            # unit vector, so the gate sees user identity without collaborative signal
+    reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True
     progress: bool = True
@@ -52,41 +70,57 @@ def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: 
 
 
 def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None) -> Release:
+    """Snapshot -> holdout -> GNN -> reward model -> release. Raises ValueError before any training when the
+    store holds no preferences (up to `request.until`) or a setting is wrong."""
     if request.user_embeddings not in ("gnn", "random"):
         raise ValueError(f"user_embeddings must be 'gnn' or 'random', got {request.user_embeddings!r}")
     prof = get_profile(request.profile, device=request.device)
-    mole = replace(prof.reward.model.mole, personalized=request.personalized)
+    mole = replace(prof.reward_model.mole, personalized=request.personalized)
     if request.num_experts is not None:
         mole = replace(mole, num_experts=request.num_experts, top_k=min(mole.top_k, request.num_experts))
-    rm_model_cfg = replace(prof.reward.model, mole=mole)
+    rm_model_cfg = replace(prof.reward_model, mole=mole)
+    rm_train_cfg = prof.reward_training
+    if request.reward_max_steps is not None:
+        rm_train_cfg = replace(rm_train_cfg, max_steps=request.reward_max_steps,
+                               warmup_steps=min(rm_train_cfg.warmup_steps, request.reward_max_steps - 1))
     started = time.perf_counter()
     with PreferenceStore(request.db_url) as store:
-        snapshot, texts = store.snapshot_with_texts(request.until)
+        snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here
+    holdout = holdout_split(snapshot.triples, snapshot.num_users, prof.gnn.seed)
     registry = Registry(request.registry)
     with registry.stage() as staged:
         plots = staged / "plots"
-        gnn = train_gnn(snapshot, prof.gnn, out_dir=plots, progress=request.progress)
-        checkpoint = gnn.checkpoint
+        gnn = train_gnn(snapshot, prof.gnn, holdout=holdout, out_dir=plots, progress=request.progress)
+        checkpoint, users = gnn.checkpoint, gnn.training_graph_users
         if request.user_embeddings == "random":
-            noise = torch.randn(checkpoint.user_embeddings.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
-            checkpoint = replace(checkpoint, user_embeddings=torch.nn.functional.normalize(noise, dim=1))
+            noise = torch.randn(users.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
+            users = torch.nn.functional.normalize(noise, dim=1)
+            checkpoint = replace(checkpoint, user_embeddings=users)
         gnn_dir = checkpoint.save(staged / "gnn")
         if report:
-            report({"stage": "gnn", "val_accuracy": gnn.val_accuracy, "seconds": gnn.seconds})
+            report({"stage": "gnn", "selection_accuracy": gnn.selection_accuracy,
+                    "report_accuracy": gnn.report_accuracy, "seconds": gnn.seconds})
 
-        users = checkpoint.user_embeddings if request.personalized else None
-        train = _examples(texts, gnn.train_rows, users, snapshot.triples)
-        val = _examples(texts, gnn.val_rows, users, snapshot.triples)
+        # The reward model trains, early-stops and reports on the training-graph embeddings: held-out users'
+        # published (full-graph) embeddings have seen their held-out pairs. Serving uses the published ones.
+        users = users if request.personalized else None
+        train, selection, held_out = (_examples(texts, rows, users, snapshot.triples) for rows in holdout)
         model = RewardModel(rm_model_cfg)
-        rm_metrics = train_reward_model(model, train, val, prof.reward.train, out_dir=plots,
+        rm_metrics = train_reward_model(model, train, selection, rm_train_cfg, out_dir=plots,
                                         report=report, progress=request.progress)
+        reported = (evaluate(model, held_out, rm_train_cfg.eval_batch_size) if held_out
+                    else {"accuracy": None, "loss": None})
         model.save(staged / "reward", manifest_extra={
             "gnn_checkpoint": {"path": "../gnn", "manifest_sha256": sha256_file(gnn_dir / "manifest.json")},
         })
         metrics = {
-            "gnn": {k: checkpoint.metrics.get(k) for k in ("val_accuracy", "val_loss", "best_step", "steps",
-                                                               "train_seconds", "train_triples", "val_triples")},
-            "reward": {k: v for k, v in rm_metrics.items() if k != "history"},
+            "report_accuracy": reported["accuracy"],
+            "report_pairs": len(held_out),
+            "holdout": holdout.counts(snapshot.triples),
+            "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
+                                                        "best_step", "steps", "train_seconds")},
+            "reward": {**{k: v for k, v in rm_metrics.items() if k != "history"},
+                       "report_accuracy": reported["accuracy"], "report_loss": reported["loss"]},
             "seconds": time.perf_counter() - started,
         }
         manifest = {

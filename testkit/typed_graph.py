@@ -11,11 +11,11 @@ are returned, as a user arriving after training would have them.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from graph_service.records import content_hash
 from graph_service.snapshot import GraphSnapshot
 
 
@@ -27,11 +27,6 @@ class TypedGraph:
     unseen_context: list[list[tuple[str, str]]]  # per unseen user: (chosen_id, rejected_id) response hashes
     unseen_types: torch.Tensor                   # (V,) int64
     unseen_test: torch.Tensor                    # (Tu, 3) int64 (unseen position, chosen_idx, rejected_idx)
-
-
-def response_id(text: str) -> str:
-    """A response's id: sha256 hex of its UTF-8 text (the store's content hash)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def typed_graph(num_users: int, num_unseen: int = 0, num_types: int = 4, pairs_per_user: int = 16,
@@ -73,7 +68,7 @@ def typed_graph(num_users: int, num_unseen: int = 0, num_types: int = 4, pairs_p
     owner = torch.arange(total)[:, None].expand(total, slots)
     triples = torch.stack([owner, chosen, rejected], dim=2)                      # (U + V, S, 3)
 
-    ids = [response_id(f"synthetic prompt {i // responses_per_prompt} response {i % responses_per_prompt}")
+    ids = [content_hash(f"synthetic prompt {i // responses_per_prompt} response {i % responses_per_prompt}")
            for i in range(num_responses)]
     seen_train = triples[:num_users, :pairs_per_user].reshape(-1, 3)
     snapshot = GraphSnapshot(user_ids=[f"user-{i}" for i in range(num_users)], response_ids=ids,
