@@ -34,5 +34,5 @@ def read_manifest(directory: str | Path, name: str, expected_format: str) -> dic
         if Path(file_name).name != file_name or not file.is_file():
             raise ValueError(f"{file} is missing (listed in {path})")
         if sha256_file(file) != entry["sha256"]:
-            raise ValueError(f"{file}: sha256 does not match {path}")
+            raise ValueError(f"{file}: checksum mismatch (its sha256 does not match {path})")
     return manifest

@@ -38,7 +38,7 @@ def check_release_parts(release: Release) -> None:
     for name, entry in gnn.get("files", {}).items():
         path = release.gnn_dir / name
         if not path.is_file() or sha256_file(path) != entry.get("sha256"):
-            raise ValueError(f"release {release.id}: {path} is missing or its sha256 does not match the manifest")
+            raise ValueError(f"release {release.id}: {path} is missing or fails its checksum (its sha256 does not match the manifest)")
     reward = _json(release.reward_dir / "manifest.json")
     mole = reward.get("config", {}).get("mole", {})
     if mole.get("personalized", True) and mole.get("user_dim") != gnn.get("dim"):
