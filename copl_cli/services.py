@@ -95,10 +95,11 @@ def up(flags: dict[str, Any]) -> None:
     settings = _settings(flags)
     if settings.graph_port == 0 and not settings.graph_target:
         _fail("copl up needs a fixed --graph-port (the reward service must know where to find it)")
-    try:
-        load_write_token(settings.token_path)   # created once here, not raced by the two children
-    except (OSError, ValueError) as exc:
-        _fail(str(exc))
+    if not settings.auth_file:
+        try:
+            load_write_token(settings.token_path)   # created once here, not raced by the two children
+        except (OSError, ValueError) as exc:
+            _fail(str(exc))
     env = dict(os.environ)
     for name, *_ in setting_fields():   # the children get exactly the parent's resolved settings
         env[env_name(name)] = str(getattr(settings, name))
@@ -107,9 +108,9 @@ def up(flags: dict[str, Any]) -> None:
     env["COPL_TOKEN_FILE"] = str(settings.token_path)
     command = [sys.executable, "-m", "copl_cli.main", "serve"]
     children = {kind: subprocess.Popen([*command, kind], env=env) for kind in ("graph", "reward")}
+    tokens = f"tokens in {settings.auth_file}" if settings.auth_file else f"write token in {settings.token_path}"
     typer.echo(f"graph service on {settings.host}:{settings.graph_port}, reward service on "
-               f"{settings.host}:{settings.reward_port}; write token in {settings.token_path}; Ctrl-C stops both",
-               err=True)
+               f"{settings.host}:{settings.reward_port}; {tokens}; Ctrl-C stops both", err=True)
 
     stopping = False
 

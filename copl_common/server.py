@@ -1,5 +1,5 @@
 """What both servers share: a grpc.aio server with health, reflection, the admin service, metrics,
-token checks and limits, and graceful shutdown.
+token checks (copl_common/auth.py), TLS (copl_common/tls.py), limits, and graceful shutdown.
 
 Health (`grpc.health.v1`) reports NOT_SERVING for every service until the first release is loaded and
 warmed, and again from the moment shutdown begins. Shutdown (SIGINT/SIGTERM): health goes NOT_SERVING and
@@ -21,11 +21,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from copl.v1 import common_pb2, common_pb2_grpc
-from copl_common.auth import AuthInterceptor
+from copl_common.auth import AuthInterceptor, TokenTable
 from copl_common.observability import ObservabilityInterceptor, ServiceMetrics
 from copl_common.registry import Release
 from copl_common.release_holder import ReleaseHolder
 from copl_common.service_settings import ServiceSettings
+from copl_common.tls import server_credentials
 
 ADMIN_SERVICE = common_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
@@ -45,7 +46,7 @@ def release_info(release: Release, serving_ids: Sequence[str]) -> common_pb2.Rel
 
 
 class AdminServicer(common_pb2_grpc.AdminServiceServicer):
-    """AdminService.Reload: the token is checked by the interceptor before this runs."""
+    """AdminService.Reload: the admin token is checked by the interceptor before this runs."""
 
     def __init__(self, holder: ReleaseHolder):
         self._holder = holder
@@ -59,15 +60,21 @@ class AdminServicer(common_pb2_grpc.AdminServiceServicer):
 class GrpcServer:
     """One service's server. Add servicers, then `start()`; `set_serving(True)` once a release is warm."""
 
-    def __init__(self, name: str, settings: ServiceSettings, token: str, service_names: Sequence[str],
-                 log: logging.Logger):
+    def __init__(self, name: str, settings: ServiceSettings, tokens: TokenTable | None,
+                 service_names: Sequence[str], log: logging.Logger):
+        """`tokens`: None reads them as the settings say (auth file, or the single write token)."""
         self.name = name
         self.settings = settings
         self.log = log
         self.metrics = ServiceMetrics(name)
+        self.tokens = tokens or TokenTable.from_settings(settings.auth_file, settings.token_path)
+        # Read now: a missing certificate fails the start, not the first call.
+        self._credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                             if settings.tls_cert else None)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(self.metrics, log), AuthInterceptor(token)],
+            interceptors=[ObservabilityInterceptor(self.metrics, log),
+                          AuthInterceptor(self.tokens, settings.require_read_token)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
             maximum_concurrent_rpcs=settings.max_concurrent_requests)
         self.service_names = [*service_names, ADMIN_SERVICE]
@@ -93,12 +100,17 @@ class GrpcServer:
 
     async def start(self, port: int, metrics_port: int) -> int:
         await self.set_serving(False)
-        self.port = self.server.add_insecure_port(listen_address(self.settings.host, port))
+        address = listen_address(self.settings.host, port)
+        self.port = (self.server.add_secure_port(address, self._credentials) if self._credentials
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
-            raise OSError(f"{self.name}: cannot listen on {listen_address(self.settings.host, port)}")
+            raise OSError(f"{self.name}: cannot listen on {address}")
         await self.server.start()
+        self.in_background(self.tokens.watch())
         self.metrics_port = self.metrics.serve_http(self.settings.host, metrics_port)
-        self.log.info("%s listening on %s (metrics: %s)", self.name, listen_address(self.settings.host, self.port),
+        tls = ("mutual TLS" if self.settings.tls_client_ca else "TLS") if self._credentials else "plaintext"
+        self.log.info("%s listening on %s, %s, %d tokens (metrics: %s)", self.name,
+                      listen_address(self.settings.host, self.port), tls, len(self.tokens),
                       f"http://{listen_address(self.settings.host, self.metrics_port)}/metrics"
                       if self.metrics_port else "off")
         return self.port

@@ -3,8 +3,9 @@
 Every field is a flag of `copl serve graph|reward` and `copl up` and an environment variable
 (`COPL_` + the field name in capitals); a flag wins over the variable, the variable over the default.
 `settings_table()` renders the table below from the fields themselves (README "Services" prints it, and a
-test keeps the two equal). The write token itself is never a flag (flags show in `ps`): it comes from
-COPL_WRITE_TOKEN or from the file named by --token-file (copl_common/auth.py).
+test keeps the two equal). Tokens themselves are never flags (flags show in `ps`): they come from files
+(--auth-file, --token-file, --graph-token-file) or COPL_WRITE_TOKEN (copl_common/auth.py). Booleans read
+true/false (also 1/0, yes/no, on/off) from the environment.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from copl_common.settings import data_dir, default_db_url, default_registry
+from copl_common.tls import is_loopback
 
 
 def _setting(default: Any, help: str, unit: str = "") -> Any:
@@ -30,8 +32,24 @@ class ServiceSettings:
     graph_target: str = _setting("", "where the reward service finds the graph service (empty: HOST:GRAPH_PORT)")
     db_url: str = _setting("", "preference store, any SQLAlchemy URL (empty: COPL_DB_URL, else SQLite under COPL_HOME)")
     registry: str = _setting("", "release registry directory (empty: COPL_REGISTRY, else COPL_HOME/registry)")
-    token_file: str = _setting("", "file holding the write token (empty: COPL_HOME/write-token, created 0600 "
-                                   "with a random token if missing); COPL_WRITE_TOKEN overrides the file")
+    # -- security (README "Security") -----------------------------------------------------------------
+    auth_file: str = _setting("", "tokens with roles, one 'ROLE TOKEN' a line (read, write, admin), re-read when "
+                                  "it changes; when set, COPL_WRITE_TOKEN and the token file are not used")
+    token_file: str = _setting("", "without an auth file: the write token (an admin token), first line (empty: "
+                                   "COPL_HOME/write-token, created 0600 if missing); COPL_WRITE_TOKEN wins")
+    require_read_token: bool = _setting(False, "reads (scores, embeddings, release info, reflection) need a "
+                                               "read token too; health checks stay open")
+    tls_cert: str = _setting("", "PEM certificate chain the services present (empty: plaintext)")
+    tls_key: str = _setting("", "PEM private key of that certificate")
+    tls_client_ca: str = _setting("", "PEM CA that client certificates must chain to: mutual TLS (empty: none asked)")
+    allow_insecure_bind: bool = _setting(False, "let a non-loopback --host listen without TLS (else the "
+                                                "services refuse to start)")
+    graph_tls_ca: str = _setting("", "reward service -> graph service: PEM CA to trust; set to use TLS (empty: "
+                                     "plaintext)")
+    graph_tls_cert: str = _setting("", "reward service -> graph service: PEM client certificate, for mutual TLS")
+    graph_tls_key: str = _setting("", "reward service -> graph service: the client certificate's key")
+    graph_token_file: str = _setting("", "reward service -> graph service: file holding the read token it sends "
+                                         "(when the graph service requires read tokens)")
     graph_metrics_port: int = _setting(9451, "graph service Prometheus port (0: any free port, -1: off)")
     reward_metrics_port: int = _setting(9452, "reward service Prometheus port (0: any free port, -1: off)")
     # -- limits (copl_common/settings.Limits bounds the text fields) -----------------------------------
@@ -93,6 +111,17 @@ class ServiceSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_queue_pairs < self.max_responses_per_request:
             raise ValueError("max_queue_pairs must be >= max_responses_per_request (a request must fit the queue)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if bool(self.graph_tls_cert) != bool(self.graph_tls_key):
+            raise ValueError("graph_tls_cert and graph_tls_key go together: set both or neither")
+        if self.graph_tls_cert and not self.graph_tls_ca:
+            raise ValueError("graph_tls_cert (mutual TLS to the graph service) needs graph_tls_ca")
+        if not is_loopback(self.host) and not self.tls_cert and not self.allow_insecure_bind:
+            raise ValueError(f"refusing to listen on {self.host} without TLS: set --tls-cert and --tls-key, "
+                             "or --allow-insecure-bind to accept plaintext beyond this machine")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
@@ -125,14 +154,21 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse(kind: type, name: str, text: str) -> Any:
+    if kind is bool:
+        if text.strip().lower() not in _BOOLEANS:
+            raise ValueError(f"{env_name(name)}={text!r} is not a boolean: use true or false")
+        return _BOOLEANS[text.strip().lower()]
     try:
         return kind(text)
     except ValueError:
         raise ValueError(f"{env_name(name)}={text!r} is not a valid {kind.__name__}") from None
 
 
-_TYPES = {"str": str, "int": int, "float": float}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 def setting_fields() -> list[tuple[str, type, Any, str, str]]:
@@ -161,6 +197,6 @@ def settings_table() -> str:
     """The Markdown table of every setting: flag, environment variable, default, meaning."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for name, _kind, default, help, unit in setting_fields():
-        shown = "(empty)" if default == "" else str(default)
+        shown = "(empty)" if default == "" else str(default).lower() if isinstance(default, bool) else str(default)
         rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {shown}{' ' + unit if unit else ''} | {help} |")
     return "\n".join(rows)

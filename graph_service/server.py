@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from copl.v1 import common_pb2, graph_pb2, graph_pb2_grpc
-from copl_common.auth import load_write_token
+from copl_common.auth import TokenTable
 from copl_common.registry import Registry
 from copl_common.release_holder import ReleaseHolder
 from copl_common.server import GrpcServer, release_info, run_until_signalled
@@ -52,9 +52,9 @@ class GraphService:
     """The running graph service: server, release holder, registry and store watchers."""
 
     def __init__(self, settings: ServiceSettings, token: str | None = None):
+        """`token`: one admin token instead of those the settings name (tests)."""
         self.settings = settings
-        token = token or load_write_token(settings.token_path)
-        self.server = GrpcServer("graph", settings, token, [SERVICE_NAME], log)
+        self.server = GrpcServer("graph", settings, token and TokenTable.fixed(token), [SERVICE_NAME], log)
         self.store = PreferenceStore(settings.store_url)
         self.holder: ReleaseHolder = ReleaseHolder(
             Registry(settings.registry_path), load_graph_release, self.server.metrics, log,

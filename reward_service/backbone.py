@@ -1,7 +1,9 @@
 """Backbone loading and device/dtype resolution for the reward model.
 
 Everything loads from local files only (`local_files_only=True`): a directory path, or a hub name
-already in the local Hugging Face cache. Nothing downloads at run time.
+already in the local Hugging Face cache. Nothing downloads at run time. Weights load from safetensors only
+(`use_safetensors=True`): a backbone directory that offers only a pickled `pytorch_model.bin` is refused,
+never unpickled (a release's manifest names its backbone, so a planted release could point at one).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def load_backbone(name: str, device: torch.device, dtype: torch.dtype) -> tuple[
     path = resolve_backbone_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype, use_safetensors=True)
     except OSError as e:
         raise ValueError(f"cannot load backbone {name!r} from local files ({path}): {e}") from e
     model.requires_grad_(False)

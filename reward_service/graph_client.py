@@ -5,6 +5,9 @@ a model always come from the same release; the graph service keeps the previous 
 so a reward service that swaps later still gets its own. Calls carry a deadline (`embedding_deadline_ms`,
 and never past the caller's own), so an unreachable graph service is UNAVAILABLE in time, not a hang.
 
+TLS (mutual TLS with a client certificate) and a bearer token, when the graph service asks for them, come
+from the reward service's graph_tls_* and graph_token_file settings.
+
 A small cache by (user, release) keeps embeddings for `embedding_cache_ttl_ms`: with the graph service's
 invalidation (store_poll_s) that bounds how long a user's new labels take to change their scores. Concurrent
 misses for one key share one call. Requests with inline context are never cached.
@@ -21,6 +24,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter
 
 from copl.v1 import common_pb2, graph_pb2, graph_pb2_grpc
+from copl_common.auth import bearer_metadata
 from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 
 # The graph service's status -> what the reward service's caller gets.
@@ -32,8 +36,11 @@ SOURCE_NAMES = {v: k for k, v in common_pb2.EmbeddingSource.items()}
 
 class GraphClient:
     def __init__(self, target: str, deadline_s: float, ttl_s: float, capacity: int,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None):
         self.target = target
+        self._credentials = credentials
+        self._metadata = bearer_metadata(token) if token else None
         self.deadline_s = deadline_s
         self.ttl_s = ttl_s
         self.capacity = capacity
@@ -46,7 +53,8 @@ class GraphClient:
 
     def _graph(self) -> graph_pb2_grpc.GraphServiceStub:
         if self._stub is None:  # created on the serving loop, on first use
-            self._channel = grpc.aio.insecure_channel(self.target)
+            self._channel = (grpc.aio.secure_channel(self.target, self._credentials) if self._credentials
+                             else grpc.aio.insecure_channel(self.target))
             self._stub = graph_pb2_grpc.GraphServiceStub(self._channel)
         return self._stub
 
@@ -95,7 +103,7 @@ class GraphClient:
             users=[graph_pb2.UserQuery(user_id=user_id, context=context)], release_id=release_id,
             require_known=require_known)
         try:
-            reply = await self._graph().GetUserEmbedding(request, timeout=timeout)
+            reply = await self._graph().GetUserEmbedding(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, timeout) from None
         if reply.release_id != release_id or len(reply.embeddings) != 1:
@@ -115,7 +123,8 @@ class GraphClient:
     async def serves(self, release_id: str) -> bool | None:
         """Whether the graph service holds `release_id` now; None when it cannot be asked."""
         try:
-            info = await self._graph().GetReleaseInfo(common_pb2.ReleaseInfoRequest(), timeout=self.deadline_s)
+            info = await self._graph().GetReleaseInfo(common_pb2.ReleaseInfoRequest(), timeout=self.deadline_s,
+                                                      metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             return False if exc.code() == grpc.StatusCode.FAILED_PRECONDITION else None  # no release yet / down
         return release_id in info.serving_release_ids

@@ -5,16 +5,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import torch
 
 from copl.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from copl_common.auth import load_write_token
+from copl_common.auth import TokenTable, read_token
 from copl_common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from copl_common.registry import Registry, Release
 from copl_common.release_holder import ReleaseHolder
 from copl_common.server import GrpcServer, release_info, run_until_signalled
 from copl_common.service_settings import ServiceSettings
+from copl_common.tls import channel_credentials
 from reward_service.batcher import DynamicBatcher
 from reward_service.graph_client import SOURCE_NAMES, GraphClient
 from reward_service.serving import RewardCore, RewardRelease, ScoreInput, load_reward_release
@@ -95,15 +97,19 @@ class RewardService:
     """The running reward service: server, release holder, batcher, graph client, registry watcher."""
 
     def __init__(self, settings: ServiceSettings, token: str | None = None):
+        """`token`: one admin token instead of those the settings name (tests)."""
         self.settings = settings
-        token = token or load_write_token(settings.token_path)
-        self.server = GrpcServer("reward", settings, token, [SERVICE_NAME], log)
+        self.server = GrpcServer("reward", settings, token and TokenTable.fixed(token), [SERVICE_NAME], log)
         registry = self.server.metrics.registry
         self.batcher = DynamicBatcher(lambda jobs: jobs[0].model.forward(jobs), settings.max_batch_tokens,
                                       settings.max_queue_delay_ms, settings.max_queue_pairs, registry,
                                       settings.torch_threads)
+        graph_tls = (channel_credentials(settings.graph_tls_ca, settings.graph_tls_cert, settings.graph_tls_key)
+                     if settings.graph_tls_ca else None)
+        graph_token = read_token(Path(settings.graph_token_file).expanduser()) if settings.graph_token_file else None
         self.graph = GraphClient(settings.graph_address, settings.embedding_deadline_ms / 1e3,
-                                 settings.embedding_cache_ttl_ms / 1e3, settings.embedding_cache_size, registry)
+                                 settings.embedding_cache_ttl_ms / 1e3, settings.embedding_cache_size, registry,
+                                 graph_tls, graph_token)
         self.holder: ReleaseHolder[RewardRelease] = ReleaseHolder(
             Registry(settings.registry_path), self._load, self.server.metrics, log,
             before_swap=self._wait_for_graph, on_swap=self.server.serving_after_swap)
