@@ -39,20 +39,21 @@ class ServiceLoop:
     def run(self, coro, timeout: float = 300):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def _start(self, cls, settings: ServiceSettings):
+    def _start(self, cls, settings: ServiceSettings, token: str | None):
         async def start():
-            service = cls(settings, token=TOKEN)   # grpc.aio objects belong to the loop they are made on
+            service = cls(settings, token=token)   # grpc.aio objects belong to the loop they are made on
             await service.start()
             return service
         service = self.run(start())
         self.services.append(service)
         return service
 
-    def graph(self, settings: ServiceSettings) -> GraphService:
-        return self._start(GraphService, settings)
+    def graph(self, settings: ServiceSettings, token: str | None = TOKEN) -> GraphService:
+        """`token`: the one admin token; None: the tokens the settings name (auth file, token file)."""
+        return self._start(GraphService, settings, token)
 
-    def reward(self, settings: ServiceSettings) -> RewardService:
-        return self._start(RewardService, settings)
+    def reward(self, settings: ServiceSettings, token: str | None = TOKEN) -> RewardService:
+        return self._start(RewardService, settings, token)
 
     def stop(self, service) -> None:
         self.run(service.stop())
