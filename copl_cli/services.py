@@ -140,9 +140,41 @@ def up(flags: dict[str, Any]) -> None:
         _fail(f"the {failed} service exited with status {children[failed].returncode}; stopped the other one")
 
 
+def health(
+    target: Annotated[str, typer.Option("--target", help="HOST:PORT of a graph or reward service")],
+    service: Annotated[str, typer.Option(help="the service name to ask about (empty: the whole server)")] = "",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 3.0,
+    tls_ca: Annotated[Optional[str], typer.Option("--tls-ca", help="PEM CA to trust: use TLS")] = None,
+    tls_cert: Annotated[Optional[str], typer.Option("--tls-cert", help="client certificate (mutual TLS)")] = None,
+    tls_key: Annotated[Optional[str], typer.Option("--tls-key", help="client certificate's key (mutual TLS)")] = None,
+) -> None:
+    """Ask a service's standard gRPC health check (grpc.health.v1); exit 0 when SERVING, else one line and 1.
+    Container health checks run it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from copl_common.tls import channel_credentials
+    try:
+        channel = (grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert or "", tls_key or ""))
+                   if tls_ca else grpc.insecure_channel(target))
+    except ValueError as exc:   # an unreadable certificate file
+        _fail(str(exc))
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.RpcError as exc:
+            _fail(f"{target}: {exc.code().name} {exc.details() or ''}".strip())
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        _fail(f"{target}: {status}")
+    typer.echo(status)
+
+
 def register(app: typer.Typer) -> None:
     serve_app = typer.Typer(help="Run one service (graph or reward).", no_args_is_help=True)
     serve_app.command("graph")(_with_setting_flags(serve_graph))
     serve_app.command("reward")(_with_setting_flags(serve_reward))
     app.add_typer(serve_app, name="serve")
     app.command("up")(_with_setting_flags(up))
+    app.command("health")(health)
