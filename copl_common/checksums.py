@@ -36,3 +36,14 @@ def read_manifest(directory: str | Path, name: str, expected_format: str) -> dic
         if sha256_file(file) != entry["sha256"]:
             raise ValueError(f"{file}: checksum mismatch (its sha256 does not match {path})")
     return manifest
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """The tensors of a safetensors file; ValueError when it is not one (safetensors parses a header and raw
+    bytes, and never runs code from the file: a pickle under this name is refused, not unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a safetensors file: {exc}") from None

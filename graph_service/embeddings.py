@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from copl_common.checksums import read_manifest, sha256_file
+from copl_common.checksums import load_tensors, read_manifest, sha256_file
 
 FORMAT = "copl-gnn-checkpoint/1"
 WEIGHTS_FILE, TABLES_FILE, MANIFEST_FILE = "weights.safetensors", "tables.safetensors", "manifest.json"
@@ -137,7 +137,7 @@ class GNNCheckpoint:
             entry = manifest["files"].get(name)
             if entry is None:
                 raise ValueError(f"{directory}: {name} is missing from the manifest")
-            tensors = load_file(directory / name, device=str(device))
+            tensors = load_tensors(directory / name, device=str(device))
             expected = {k: (v["shape"], v["dtype"]) for k, v in entry["tensors"].items()}
             actual = {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
             if actual != expected:

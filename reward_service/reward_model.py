@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from copl_common.checksums import read_manifest, sha256_file
+from copl_common.checksums import load_tensors, read_manifest, sha256_file
 from copl_common.seeding import seeded
 from reward_service.backbone import DEFAULT_BACKBONE, is_causal_backbone, load_backbone, resolve_device_dtype
 from reward_service.mole import MoLEConfig, inject_mole, route
@@ -279,7 +279,7 @@ class RewardModel(nn.Module):
         if model.backbone.config.hidden_size != manifest["hidden_size"]:
             raise ValueError(f"backbone {cfg.backbone!r} has hidden size {model.backbone.config.hidden_size}, "
                              f"the saved head expects {manifest['hidden_size']}")
-        state = load_file(d / WEIGHTS_NAME)
+        state = load_tensors(d / WEIGHTS_NAME)
         expected = model.trainable_parameters()
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -47,11 +47,12 @@ class ReleaseMismatch(CoplError):
 
 
 class Unauthenticated(CoplError):
-    """UNAUTHENTICATED: a write or admin call without a token, or with a token the server does not know."""
+    """UNAUTHENTICATED: a call that needs a token (a write, an admin call, a read where the server requires
+    read tokens) came without one."""
 
 
 class PermissionDenied(CoplError):
-    """PERMISSION_DENIED: the token is valid but its role does not allow this call."""
+    """PERMISSION_DENIED: the server does not know the token, or its role (read, write, admin) is too low."""
 
 
 class ResourceExhausted(CoplError):
