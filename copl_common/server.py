@@ -67,7 +67,9 @@ class GrpcServer:
         self.settings = settings
         self.log = log
         self.metrics = ServiceMetrics(name)
-        self.tokens = tokens or TokenTable.from_settings(settings.auth_file, settings.token_path)
+        if tokens is None:
+            tokens = TokenTable.from_settings(settings.auth_file, settings.token_path)
+        self.tokens = tokens
         # Read now: a missing certificate fails the start, not the first call.
         self._credentials = (server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
                              if settings.tls_cert else None)

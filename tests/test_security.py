@@ -118,8 +118,9 @@ def secure(tiny_release, tmp_path_factory):
         graph_tls_key=str(pki.client_key), graph_token_file=str(token_files[READ])), token=None)
     client_creds = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pki.client_key.read_bytes(),
                                                 pki.client_cert.read_bytes())
+    server_only = grpc.ssl_channel_credentials(pki.ca.read_bytes())
     channels = {"graph": grpc.secure_channel(f"127.0.0.1:{graph.port}", client_creds),
-                "reward": grpc.secure_channel(f"127.0.0.1:{reward.port}", grpc.ssl_channel_credentials(pki.ca.read_bytes()))}
+                "reward": grpc.secure_channel(f"127.0.0.1:{reward.port}", server_only)}
     yield SimpleNamespace(
         pki=pki, roles=roles, token_files=token_files, registry=registry, graph=graph, reward=reward, loop=loop,
         tiny=tiny_release, graph_stub=graph_pb2_grpc.GraphServiceStub(channels["graph"]),
@@ -149,6 +150,10 @@ def test_tls_client_scores_by_user_id_through_mutual_tls_to_the_graph_service(se
     with Client(reward=f"grpcs://127.0.0.1:{secure.reward.port}", tls=tls, token=TOKENS[READ]) as client:
         scores = client.score(seen["user_id"], seen["prompt"], [seen["chosen"], seen["rejected"]])
     assert scores.release_id == secure.tiny.release.id and scores.embedding_source.value == "TRAINED"
+    mutual = TLSConfig(ca=secure.pki.ca, cert=secure.pki.client_cert, key=secure.pki.client_key)
+    with Client(reward=f"grpcs://127.0.0.1:{secure.reward.port}", graph=f"grpcs://127.0.0.1:{secure.graph.port}",
+                tls=mutual, token=TOKENS[READ]) as client:   # the client library's mutual TLS, on the graph service
+        assert client.embeddings([seen["user_id"]])[0].release_id == secure.tiny.release.id
     with Client(reward=f"grpcs://127.0.0.1:{secure.reward.port}", tls=tls, token="", timeout=5) as anonymous:
         with pytest.raises(Unauthenticated):
             anonymous.score(seen["user_id"], seen["prompt"], ["a"])
@@ -230,7 +235,8 @@ def test_roles_file_reloads_without_a_restart_and_tokens_are_never_logged(secure
     assert "roles:4: unknown role 'superuser'" in caplog.text
     assert _code(info, common_pb2.ReleaseInfoRequest(), newcomer) == grpc.StatusCode.OK
     secure.roles.write_text(ROLES_FILE)
-    assert _wait_for(lambda: _code(info, common_pb2.ReleaseInfoRequest(), newcomer) == grpc.StatusCode.PERMISSION_DENIED)
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert _wait_for(lambda: _code(info, common_pb2.ReleaseInfoRequest(), newcomer) == denied)
     # failed and succeeded calls of every kind, then: no token anywhere in the services' logs
     seen = _seen(secure)
     score = reward_pb2.ScoreRequest(user_id=seen["user_id"], prompt=seen["prompt"], responses=[seen["chosen"]])
