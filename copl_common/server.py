@@ -108,7 +108,8 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {address}")
         await self.server.start()
-        self.in_background(self.tokens.watch())
+        if self.tokens.path is not None:
+            self.in_background(self.tokens.watch())
         self.metrics_port = self.metrics.serve_http(self.settings.host, metrics_port)
         tls = ("mutual TLS" if self.settings.tls_client_ca else "TLS") if self._credentials else "plaintext"
         self.log.info("%s listening on %s, %s, %d tokens (metrics: %s)", self.name,

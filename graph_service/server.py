@@ -54,7 +54,8 @@ class GraphService:
     def __init__(self, settings: ServiceSettings, token: str | None = None):
         """`token`: one admin token instead of those the settings name (tests)."""
         self.settings = settings
-        self.server = GrpcServer("graph", settings, token and TokenTable.fixed(token), [SERVICE_NAME], log)
+        self.server = GrpcServer("graph", settings, TokenTable.fixed(token) if token else None,
+                                 [SERVICE_NAME], log)
         self.store = PreferenceStore(settings.store_url)
         self.holder: ReleaseHolder = ReleaseHolder(
             Registry(settings.registry_path), load_graph_release, self.server.metrics, log,

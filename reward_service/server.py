@@ -99,7 +99,8 @@ class RewardService:
     def __init__(self, settings: ServiceSettings, token: str | None = None):
         """`token`: one admin token instead of those the settings name (tests)."""
         self.settings = settings
-        self.server = GrpcServer("reward", settings, token and TokenTable.fixed(token), [SERVICE_NAME], log)
+        self.server = GrpcServer("reward", settings, TokenTable.fixed(token) if token else None,
+                                 [SERVICE_NAME], log)
         registry = self.server.metrics.registry
         self.batcher = DynamicBatcher(lambda jobs: jobs[0].model.forward(jobs), settings.max_batch_tokens,
                                       settings.max_queue_delay_ms, settings.max_queue_pairs, registry,

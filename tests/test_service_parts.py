@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from copl.v1 import common_pb2, common_pb2_grpc
-from copl_common.auth import bearer_metadata, load_write_token
+from copl_common.auth import TokenTable, bearer_metadata, load_write_token
 from copl_common.errors import NotFound, ResourceExhausted
 from copl_common.server import GrpcServer
 from copl_common.service_settings import ServiceSettings, load_settings, settings_table
@@ -155,7 +155,7 @@ def test_unexpected_failures_are_internal_with_a_request_id_never_unknown(tmp_pa
     token = "interceptor-test-token"
 
     async def main():
-        server = GrpcServer("test", ServiceSettings(), token, [], logging.getLogger("test"))
+        server = GrpcServer("test", ServiceSettings(), TokenTable.fixed(token), [], logging.getLogger("test"))
         common_pb2_grpc.add_AdminServiceServicer_to_server(_FailingAdmin(), server.server)
         port = await server.start(0, -1)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
