@@ -170,6 +170,15 @@ def test_copl_eval_through_tls(secure, tmp_path):
     assert metrics["n_pairs"] == 12 and metrics["release"] == secure.tiny.release.id
 
 
+def test_copl_health_over_mutual_tls(secure):
+    pki, target = secure.pki, f"127.0.0.1:{secure.graph.port}"
+    ok = CliRunner().invoke(app, ["health", "--target", target, "--tls-ca", str(pki.ca), "--tls-cert",
+                                  str(pki.client_cert), "--tls-key", str(pki.client_key)])
+    assert ok.exit_code == 0 and ok.stdout.strip() == "SERVING", ok.output
+    refused = CliRunner().invoke(app, ["health", "--target", target, "--tls-ca", str(pki.ca), "--timeout", "2"])
+    assert refused.exit_code == 1 and refused.output.startswith(f"error: {target}: UNAVAILABLE"), refused.output
+
+
 def test_plaintext_client_to_a_tls_server_is_unavailable(secure):
     for port in (secure.graph.port, secure.reward.port):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
