@@ -2,6 +2,8 @@
 # Build from the repository root: docker build -f docker/graph.Dockerfile -t copl-graph .
 FROM python:3.11-slim
 WORKDIR /app
+# torch==2.13.0 (the server extra's pin) from the CPU wheel index first: no multi-GB CUDA build
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY protos protos
 COPY clients clients
@@ -10,8 +12,7 @@ COPY copl_cli copl_cli
 COPY graph_service graph_service
 COPY reward_service reward_service
 COPY trainer trainer
-# torch==2.13.0 (the server extra's pin) from the CPU wheel index: no multi-GB CUDA build
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu '.[server]'
+RUN pip install --no-cache-dir '.[server]'
 RUN useradd --create-home --uid 1000 copl && mkdir -p /data /registry && chown copl /data /registry
 USER copl
 # A container must listen beyond loopback: the bind rule then asks for TLS (COPL_TLS_CERT, COPL_TLS_KEY)

@@ -3,6 +3,8 @@
 # Build from the repository root: docker build -f docker/trainer.Dockerfile -t copl-trainer .
 FROM python:3.11-slim
 WORKDIR /app
+# torch==2.13.0 (the server extra's pin) from the CPU wheel index first: no multi-GB CUDA build
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY protos protos
 COPY clients clients
@@ -11,7 +13,7 @@ COPY copl_cli copl_cli
 COPY graph_service graph_service
 COPY reward_service reward_service
 COPY trainer trainer
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu '.[server]' 'ray[default]==2.60.0'
+RUN pip install --no-cache-dir '.[server]' 'ray[default]==2.60.0'
 RUN useradd --create-home --uid 1000 copl && mkdir -p /data /registry && chown copl /data /registry
 USER copl
 ENV COPL_HOME=/data COPL_REGISTRY=/registry HF_HUB_OFFLINE=1

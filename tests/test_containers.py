@@ -81,10 +81,13 @@ def assert_copl_command(command: list[str]) -> None:
 
 
 def test_every_image_copies_files_that_exist_and_runs_the_console_script():
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    module, _, function = scripts["copl"].partition(":")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    module, _, function = project["scripts"]["copl"].partition(":")
     assert callable(getattr(import_module(module), function))
+    torch_pin = next(p for p in project["optional-dependencies"]["server"] if p.startswith("torch=="))
     for name in IMAGES.values():
+        pins = re.findall(r"torch==[0-9.]+", " ".join(a for i, a in dockerfile(name) if i == "RUN"))
+        assert pins == [torch_pin], f"{name} installs {pins}, the server extra pins {torch_pin}"
         for instruction, arguments in dockerfile(name):
             if instruction == "COPY":
                 *sources, _dest = arguments.split()
