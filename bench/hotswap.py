@@ -34,17 +34,8 @@ from bench.serve import prepare  # noqa: E402
 from copl_cli.services import ServiceProcesses, free_loopback_ports  # noqa: E402
 from copl_cli.swap_traffic import Probe, SwapTraffic, percentile  # noqa: E402
 from copl_client import Client  # noqa: E402
-from copl_common.registry import Registry, Release  # noqa: E402
+from copl_common.registry import Registry  # noqa: E402
 from copl_common.service_settings import ServiceSettings  # noqa: E402
-
-
-def publish_copy(registry: Registry, source: Release) -> Release:
-    """`source`'s parts published again under a new id and made current (an identical model is enough here:
-    what a swap costs and whether it is clean does not depend on the weights)."""
-    with registry.stage() as staged:
-        shutil.copytree(source.path, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("release.json"))
-        manifest = {k: v for k, v in source.manifest.items() if k not in ("id", "created_at")}
-        return registry.publish(staged, {**manifest, "copied_from": source.id})
 
 
 def probes_from(dataset: Path, n: int) -> list[Probe]:
@@ -88,8 +79,9 @@ def main() -> None:
                     time.sleep(steady_s)
                     for n in range(1, swaps + 1):
                         begin = time.monotonic()
-                        release = publish_copy(registry, registry.current())
-                        published.add(release.id)
+                        release = registry.publish_copy(registry.current(), make_current=False)
+                        published.add(release.id)   # before any reply can name it
+                        registry.set_current(release.id)
                         client.reload(release.id)   # graph first, then reward; returns once both serve it
                         end = time.monotonic()
                         windows.append((begin, end))

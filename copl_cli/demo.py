@@ -77,15 +77,15 @@ def run(workdir: Path, preset: str, users: int, profile: str, seed: int, reward_
         report = ingest_files(store, [data / "train_seen.jsonl"])
         _say(f"inserted {report.inserted}; {json.dumps(store.stats())}")
 
-    def train(personalized: bool = True, make_current: bool = True):
+    def train(personalized: bool):   # the baseline is published, not made current
         return train_stage(TrainRequest(db_url=url, registry=registry.root, profile=profile, personalized=personalized,
-                                        reward_max_steps=reward_steps, make_current=make_current))
+                                        reward_max_steps=reward_steps, make_current=personalized))
 
     _step(3, f"train: GNN -> user embeddings -> MoLE reward model (profile {profile}) -> release")
-    first = train()
+    first = train(personalized=True)
     _say(f"release {first.id} (current) in {first.path}")
     _step(4, "train the non-personalized baseline (one LoRA, no user input; published, not made current)")
-    baseline = train(personalized=False, make_current=False)
+    baseline = train(personalized=False)
     _say(f"release {baseline.id}")
 
     graph_port, reward_port = free_loopback_ports(2)
@@ -125,14 +125,15 @@ def run(workdir: Path, preset: str, users: int, profile: str, seed: int, reward_
             for line in _accuracy_table(metrics, base, majority_bound(test_rows), unseen_bound):
                 _say(line)
 
-            _step(8, "retrain with the later users, then publish and swap in the second release under client traffic")
-            second = train(make_current=False)
+            _step(8, "publish a second release (the first one's parts under a new id) and swap it in under client traffic")
             probes = [Probe(r.user_id, r.prompt, (r.chosen, r.rejected)) for r in test[:64]]
-            known = {first.id, second.id}
+            known = {first.id}
             traffic = SwapTraffic(client, probes, known_releases=lambda: known).start()
             try:
                 time.sleep(STEADY_S)
-                registry.set_current(second.id)
+                second = registry.publish_copy(first, make_current=False)
+                known.add(second.id)   # before any reply can name it
+                registry.set_current(second.id)   # the services would follow the pointer; Reload: look now
                 swapped = client.reload(second.id)
                 time.sleep(AFTER_SWAP_S)
             finally:
@@ -147,9 +148,8 @@ def run(workdir: Path, preset: str, users: int, profile: str, seed: int, reward_
         services.stop()
 
     _step(9, "plots")
-    for release in (first, second):
-        for plot in sorted((release.path / "plots").glob("*.png")):
-            _say(str(plot))
+    for plot in sorted((first.path / "plots").glob("*.png")):   # training curves, the user-embedding map
+        _say(str(plot))
     typer.secho(f"demo done in {time.monotonic() - started:.0f} s. Next:", fg=typer.colors.GREEN)
     for line in (f"copl up --db {url} --registry {registry.root} --token-file {workdir / 'write-token'}",
                  f"copl eval {data / 'test.jsonl'} --target grpc://127.0.0.1:50052",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -347,7 +348,7 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
 
 
 DEMO_MARKER = ".copl-demo"
-DEMO_USERS = 400   # `make demo` in a few minutes on 2 cores (README "Quick start")
+DEMO_USERS = 200   # `make demo` in a few minutes on 2 cores (README "Quick start")
 DEMO_ENTRIES = ("dataset", "registry", "copl.db", "copl.db-wal", "copl.db-shm", "logs", "write-token")  # what a demo writes
 
 
@@ -370,6 +371,10 @@ def _demo_workdir(workdir: Path) -> None:
     (workdir / DEMO_MARKER).write_text(f"made by `copl demo`; a later demo may delete {', '.join(DEMO_ENTRIES)} here\n")
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store, registry and logs go")] = Path("data/demo"),
@@ -390,6 +395,7 @@ def demo(
     except ValueError as exc:
         _fail(str(exc))
     _demo_workdir(workdir)  # a demo starts from nothing, so each run shows the same path
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` and `timeout` stop it as Ctrl-C does: children first
     try:
         if in_process:
             _demo_in_process(workdir, preset, users, profile, seed, reward_steps)
