@@ -45,14 +45,14 @@ def probes_from(dataset: Path, n: int) -> list[Probe]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 swaps, shorter steady periods (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="3 swaps, 2 s of traffic between them")
     ap.add_argument("--swaps", type=int, default=None, help="default 8 (--quick: 3)")
     ap.add_argument("--steady-s", type=float, default=None, help="traffic between swaps, seconds (default 5; --quick 3)")
     ap.add_argument("--threads", type=int, default=1, help="client threads per mode (by user id, by embedding)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "data" / "bench-hotswap")
     args = ap.parse_args()
     swaps = args.swaps or (3 if args.quick else 8)
-    steady_s = args.steady_s or (3.0 if args.quick else 5.0)
+    steady_s = args.steady_s or (2.0 if args.quick else 5.0)
     args.workdir.mkdir(parents=True, exist_ok=True)
     url, cached = prepare(args.workdir)
 

@@ -67,28 +67,33 @@ def _check_clean_run(out: str) -> int:
     return requests
 
 
-def test_demo_small_through_the_services_and_again_in_the_same_workdir(tmp_path):
-    """The same stages at a smoke size (uf-p-2, 40 users, 4 reward-model steps): everything is there and the
-    swap is clean; a second run in the same directory starts over and works too."""
-    args = ("--preset", "uf-p-2", "--users", "40", "--reward-steps", "4")
-    out = _demo(tmp_path, *args)
+def test_demo_smoke_size_through_the_services(tmp_path):
+    """Every stage at a smoke size (uf-p-2, 16 users, 2 reward-model steps): the table, a clean swap under
+    traffic, the plots, and no service left running."""
+    out = _demo(tmp_path, "--preset", "uf-p-2", "--users", "16", "--reward-steps", "2")
     _check_clean_run(out)
     rows = _table(out)
     assert set(rows) == {"pairs", "CoPL (through gRPC)", "non-personalized baseline", "majority bound"}
-    assert rows["pairs"][:3] == ["160", "144", "16"]      # 4 test pairs a user; 4 of 40 users arrive later
+    assert rows["pairs"][:3] == ["64", "56", "8"]      # 4 test pairs a user; 2 of 16 users arrive later
     assert all(0.0 <= float(c) <= 1.0 for c in rows["CoPL (through gRPC)"])
     plots = [line.strip() for line in out.splitlines() if line.strip().endswith(".png")]
     assert len(plots) == 3 and all(os.path.getsize(p) > 0 for p in plots)
-    again = _demo(tmp_path, *args)
-    _check_clean_run(again)
-    assert len(os.listdir(tmp_path / "demo" / "registry" / "releases")) == 3   # only the second run's
 
 
 @pytest.mark.slow
 def test_demo_personalization_beats_the_baseline_through_the_services(tmp_path):
     """uf-p-2 with 200 users (720 seen test pairs) at the tiny profile: the personalized release, scored
-    through gRPC, beats the non-personalized baseline on the seen users' pairs by more than luck explains."""
+    through gRPC, beats the non-personalized baseline on the seen users' pairs by more than luck explains.
+    The directory holds an earlier demo's files, as after `make demo` twice: the demo starts over."""
+    earlier = tmp_path / "demo"
+    (earlier / "registry" / "releases" / "old").mkdir(parents=True)
+    (earlier / "logs").mkdir()
+    (earlier / "logs" / "reward.log").write_text("an earlier run's log\n")
+    (earlier / "write-token").write_text("earlier-token\n")
+    (earlier / ".copl-demo").write_text("made by `copl demo`\n")
     out = _demo(tmp_path, "--preset", "uf-p-2", "--users", "200", "--seed", "1")
+    assert "old" not in os.listdir(earlier / "registry" / "releases")
+    assert "an earlier run's log" not in (earlier / "logs" / "reward.log").read_text()
     _check_clean_run(out)
     rows = _table(out)
     n_seen = int(rows["pairs"][1])
