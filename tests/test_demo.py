@@ -37,11 +37,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _demo(tmp_path, *args, timeout=900):
-    proc = subprocess.run([*COPL, "demo", "--workdir", str(tmp_path / "demo"), *args], capture_output=True,
-                          text=True, env=_env(tmp_path), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def _demo(tmp_path, *args):
+    proc = subprocess.Popen([*COPL, "demo", "--workdir", str(tmp_path / "demo"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
+    try:
+        out, err = proc.communicate()
+    finally:   # a test timeout: stop it as Ctrl-C does, so that it stops its services (SIGKILL would orphan them)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 def _table(out: str) -> dict[str, list[str]]:
@@ -81,6 +87,7 @@ def test_demo_smoke_size_through_the_services(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)   # about 15 minutes on 2 cores shared with other test runs
 def test_demo_personalization_beats_the_baseline_through_the_services(tmp_path):
     """uf-p-2 with 200 users (720 seen test pairs) at the tiny profile: the personalized release, scored
     through gRPC, beats the non-personalized baseline on the seen users' pairs by more than luck explains.
