@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## The whole main path on the embedded default (SQLite, in-process), in data/demo.
+## The whole system on the embedded default (SQLite, both services on loopback), in data/demo.
 demo: $(STAMP)
 	$(VENV)/bin/copl demo --workdir data/demo
 

@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
+from copl_cli.services import free_loopback_ports  # noqa: E402
 
 
 def prepare(workdir: Path) -> tuple[str, Path]:
@@ -62,18 +62,8 @@ def prepare(workdir: Path) -> tuple[str, Path]:
     return url, registry
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start_services(url: str, registry: Path, workdir: Path, torch_threads: int) -> tuple[subprocess.Popen, int, int, str]:
-    graph_port, reward_port = free_ports(2)
+    graph_port, reward_port = free_loopback_ports(2)
     token = uuid.uuid4().hex
     env = {**os.environ, "COPL_HOME": str(workdir), "COPL_WRITE_TOKEN": token, "COPL_LOG_LEVEL": "WARNING",
            "COPL_TORCH_THREADS": str(torch_threads)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -347,7 +348,8 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
 
 
 DEMO_MARKER = ".copl-demo"
-DEMO_ENTRIES = ("dataset", "registry", "copl.db", "copl.db-wal", "copl.db-shm")  # what a demo writes
+DEMO_USERS = 200   # `make demo` in a few minutes on 2 cores (README "Quick start")
+DEMO_ENTRIES = ("dataset", "registry", "copl.db", "copl.db-wal", "copl.db-shm", "logs", "write-token")  # what a demo writes
 
 
 def _demo_workdir(workdir: Path) -> None:
@@ -369,27 +371,49 @@ def _demo_workdir(workdir: Path) -> None:
     (workdir / DEMO_MARKER).write_text(f"made by `copl demo`; a later demo may delete {', '.join(DEMO_ENTRIES)} here\n")
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store and registry go")] = Path("data/demo"),
-    preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-2",
-    users: Annotated[int, typer.Option(min=8, help="synthetic users")] = 400,
+    workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store, registry and logs go")] = Path("data/demo"),
+    preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-4",
+    users: Annotated[int, typer.Option(min=8, help="synthetic users")] = DEMO_USERS,
     profile: Annotated[str, typer.Option(help="training profile (tiny | small | paper)")] = "tiny",
+    reward_steps: Annotated[Optional[int], typer.Option(min=2, help="reward-model steps instead of the profile's (smoke runs)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    in_process: Annotated[bool, typer.Option("--in-process", help="no services, no ports: train and evaluate in this process")] = False,
 ):
-    """The whole path on the embedded default, in WORKDIR: synth -> ingest -> train -> ingest the
-    users who arrive later -> eval on held-out prompts. WORKDIR must be new, empty, or an earlier demo's."""
-    from trainer.synth import SynthConfig, generate, majority_bound, write
+    """The whole system on the embedded default, in WORKDIR: synth -> ingest -> train -> start both services
+    on loopback -> later users through AddPreferences -> score held-out pairs through gRPC -> swap in a second
+    release under client traffic -> plots. WORKDIR must be new, empty, or an earlier demo's. Ctrl-C stops
+    everything it started (exit 130)."""
+    from trainer.synth import SynthConfig
     try:
-        config = SynthConfig(preset=preset, users=users, seed=seed)
+        SynthConfig(preset=preset, users=users, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
     _demo_workdir(workdir)  # a demo starts from nothing, so each run shows the same path
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill` and `timeout` stop it as Ctrl-C does: children first
+    try:
+        if in_process:
+            _demo_in_process(workdir, preset, users, profile, seed, reward_steps)
+        else:
+            from copl_cli.demo import run
+            run(workdir, preset, users, profile, seed, reward_steps, fail=_fail)
+    except KeyboardInterrupt:   # everything it started is stopped by now (the stages clean up as they unwind)
+        typer.secho("interrupted: the demo stopped everything it started", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
 
+
+def _demo_in_process(workdir: Path, preset: str, users: int, profile: str, seed: int, reward_steps: int | None) -> None:
+    """`copl demo --in-process`: the same data and training, evaluated in this process (no ports needed)."""
     from graph_service.ingest import ingest_files, read_valid_records
     from graph_service.store import PreferenceStore
     from trainer.evaluate import evaluate_release
     from trainer.pipeline import TrainRequest, train_release
+    from trainer.synth import SynthConfig, generate, majority_bound, write
     data, registry = workdir / "dataset", workdir / "registry"
     url = f"sqlite:///{(workdir / 'copl.db').resolve()}"
 
@@ -397,7 +421,7 @@ def demo(
         typer.secho(text, bold=True)
 
     step(f"1/5 synth: {preset}, {users} users, seed {seed} -> {data}")
-    dataset = generate(config)
+    dataset = generate(SynthConfig(preset=preset, users=users, seed=seed))
     typer.echo(f"    {json.dumps(write(dataset, data))}")
     with PreferenceStore(url) as store:
         step(f"2/5 ingest the seen users into {url}")
@@ -407,7 +431,8 @@ def demo(
         typer.echo(f"    {json.dumps(store.stats())}")
 
         step(f"3/5 train: GNN -> user embeddings -> MoLE reward model (profile {profile}) -> release")
-        release = train_release(TrainRequest(db_url=url, registry=registry, profile=profile))
+        release = train_release(TrainRequest(db_url=url, registry=registry, profile=profile,
+                                             reward_max_steps=reward_steps))
         typer.echo(f"    release {release.id} in {release.path}")
 
         step("4/5 ingest the users who arrived after training (they get adapted embeddings, no training)")

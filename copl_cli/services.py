@@ -11,9 +11,11 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -87,27 +89,106 @@ def serve_reward(flags: dict[str, Any]) -> None:
     _run_service("reward", flags)
 
 
+def free_loopback_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now (the services bind them a moment later)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class ServiceProcesses:
+    """The graph and reward services as two child processes of this one, with exactly `settings` (resolved
+    here and handed down as COPL_* variables): what `copl up` runs, and `copl demo` and bench/hotswap.py start.
+    `log_dir`: each child's output goes to LOG_DIR/KIND.log instead of this process's stderr."""
+
+    KINDS = ("graph", "reward")
+
+    def __init__(self, settings, log_dir: Path | None = None):
+        from copl_common.auth import load_write_token
+        self.settings, self.log_dir = settings, log_dir
+        if settings.graph_port == 0 and not settings.graph_target:
+            raise ValueError("the services need a fixed --graph-port (the reward service must know where to find it)")
+        # created once here, not raced by the two children; with an --auth-file the roles file holds the tokens
+        self.token = None if settings.auth_file else load_write_token(settings.token_path)
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        from copl_common.service_settings import env_name, setting_fields
+        env = dict(os.environ)
+        for name, *_ in setting_fields():   # the children get exactly the parent's resolved settings
+            env[env_name(name)] = str(getattr(self.settings, name))
+        env["COPL_DB_URL"] = self.settings.store_url
+        env["COPL_REGISTRY"] = str(self.settings.registry_path)
+        env["COPL_TOKEN_FILE"] = str(self.settings.token_path)
+        command = [sys.executable, "-m", "copl_cli.main", "serve"]
+        for kind in self.KINDS:
+            log = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                log = open(self.log_dir / f"{kind}.log", "ab")
+            try:
+                self.children[kind] = subprocess.Popen([*command, kind], env=env, stdout=log, stderr=log)
+            finally:
+                if log is not None:
+                    log.close()   # the child holds its own copy
+
+    def target(self, kind: str) -> str:
+        port = self.settings.graph_port if kind == "graph" else self.settings.reward_port
+        return f"grpc://{self.settings.host}:{port}"
+
+    def exited(self) -> str | None:
+        """The first service that is no longer running, if any."""
+        return next((kind for kind, child in self.children.items() if child.poll() is not None), None)
+
+    def wait_serving(self, timeout_s: float) -> None:
+        """Until both answer the standard health check with SERVING; RuntimeError if one exits or time runs out."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        deadline = time.monotonic() + timeout_s
+        waiting = list(self.KINDS)
+        while waiting:
+            if (dead := self.exited()) is not None:
+                raise RuntimeError(f"the {dead} service exited with status {self.children[dead].returncode}"
+                                   + (f" (see {self.log_dir / dead}.log)" if self.log_dir else ""))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {waiting[0]} service was not SERVING after {timeout_s:.0f} s")
+            kind = waiting[0]
+            with grpc.insecure_channel(self.target(kind).removeprefix("grpc://")) as channel:
+                try:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                except grpc.RpcError:
+                    status = None
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                waiting.pop(0)
+            else:
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        """SIGTERM to each child still running, then wait for both (SIGKILL after the shutdown grace)."""
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 15
+        for child in self.children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
 def up(flags: dict[str, Any]) -> None:
     """Run the graph and reward services together on loopback; Ctrl-C or SIGTERM stops both."""
-    from copl_common.auth import load_write_token
-    from copl_common.service_settings import env_name, setting_fields
-
     settings = _settings(flags)
-    if settings.graph_port == 0 and not settings.graph_target:
-        _fail("copl up needs a fixed --graph-port (the reward service must know where to find it)")
-    if not settings.auth_file:
-        try:
-            load_write_token(settings.token_path)   # created once here, not raced by the two children
-        except (OSError, ValueError) as exc:
-            _fail(str(exc))
-    env = dict(os.environ)
-    for name, *_ in setting_fields():   # the children get exactly the parent's resolved settings
-        env[env_name(name)] = str(getattr(settings, name))
-    env["COPL_DB_URL"] = settings.store_url
-    env["COPL_REGISTRY"] = str(settings.registry_path)
-    env["COPL_TOKEN_FILE"] = str(settings.token_path)
-    command = [sys.executable, "-m", "copl_cli.main", "serve"]
-    children = {kind: subprocess.Popen([*command, kind], env=env) for kind in ("graph", "reward")}
+    try:
+        services = ServiceProcesses(settings)
+    except (OSError, ValueError) as exc:   # no fixed graph port, an unreadable token file
+        _fail(f"copl up: {exc}")
+    services.start()
     tokens = f"tokens in {settings.auth_file}" if settings.auth_file else f"write token in {settings.token_path}"
     typer.echo(f"graph service on {settings.host}:{settings.graph_port}, reward service on "
                f"{settings.host}:{settings.reward_port}; {tokens}; Ctrl-C stops both", err=True)
@@ -117,27 +198,16 @@ def up(flags: dict[str, Any]) -> None:
     def stop(_signum=None, _frame=None) -> None:
         nonlocal stopping
         stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     failed = None
     while not stopping and failed is None:
-        failed = next((kind for kind, child in children.items() if child.poll() is not None), None)
+        failed = services.exited()
         time.sleep(0.2)
+    services.stop()
     if failed is not None:
-        stop()
-    deadline = time.monotonic() + settings.shutdown_grace_s + 15
-    for child in children.values():
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    if failed is not None:
-        _fail(f"the {failed} service exited with status {children[failed].returncode}; stopped the other one")
+        _fail(f"the {failed} service exited with status {services.children[failed].returncode}; stopped the other one")
 
 
 def health(

@@ -175,6 +175,14 @@ class Registry:
             self.set_current(release_id)
         return release
 
+    def publish_copy(self, source: Release, make_current: bool = True) -> Release:
+        """`source`'s parts published again under a new id (`copied_from` in its manifest): the same model
+        rolled out as a new release, which running services load, validate and warm like any other."""
+        with self.stage() as staged:
+            shutil.copytree(source.path, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("release.json"))
+            manifest = {k: v for k, v in source.manifest.items() if k not in ("id", "created_at")}
+            return self.publish(staged, {**manifest, "copied_from": source.id}, make_current=make_current)
+
     def set_current(self, release_id: str) -> Release:
         release = self.get(release_id)
         tmp = self.root / _scratch_name(".CURRENT.")

@@ -50,6 +50,19 @@ def test_publish_without_switching(tmp_path):
     assert reg.current().id == first.id and candidate.path.is_dir()
 
 
+def test_publish_copy_is_a_new_release_with_the_same_parts(tmp_path):
+    reg = Registry(tmp_path)
+    first = _publish(reg, "one")
+    copy = reg.publish_copy(first, make_current=False)
+    assert copy.id != first.id and reg.current().id == first.id
+    assert copy.manifest["copied_from"] == first.id and copy.manifest["payload"] == "one"
+    assert copy.created_at > first.created_at
+    for part in ("gnn/manifest.json", "reward/manifest.json"):
+        assert (copy.path / part).read_bytes() == (first.path / part).read_bytes()
+    assert reg.get(copy.id).id == copy.id   # it opens: release.json names its own id
+    assert reg.publish_copy(copy).id == reg.current().id
+
+
 def test_failed_staging_leaves_nothing(tmp_path):
     reg = Registry(tmp_path)
     with pytest.raises(ZeroDivisionError):
