@@ -233,6 +233,8 @@ def train(
         _fail(str(exc))
     except SQLAlchemyError as exc:  # the store went away while training
         _fail(_database_error(url, exc))
+    except OSError as exc:  # the registry's disk is full or read-only: the staging directory is gone already
+        _fail(f"cannot write the release into {reg.root}: {exc.strerror or exc} (the current release is unchanged)")
     metrics = release.manifest["metrics"]
     part = metrics["holdout"]
     if metrics["report_accuracy"] is None:  # too few users with pairs to hold out (README: awkward stores)
