@@ -77,11 +77,8 @@ def main() -> None:
     first = registry.current_id()
     users = env.trained_users()
 
-    with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=registry.root,
-                  release_poll_s=1.0) as services:
-        graph = services.add("graph")
-        reward = services.add("reward", graph_target=f"127.0.0.1:{graph.port}")
-        services.wait()
+    with Services(scratch, registry.root, release_poll_s=1.0) as services:
+        graph, reward = services.graph_and_reward()
         writer = Writer(graph.port, "soak")
         newcomers = [f"fault-soak-{i}" for i in range(0, 400, 3)]   # users the writer creates: ADAPTED embeddings
         calls = [("ingest", writer), ("embed", embedding_reader(graph.port, users + newcomers)),

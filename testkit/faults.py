@@ -225,10 +225,12 @@ def release_served(port: int, stub_class) -> str:
 
 
 class Services:
-    """Service processes of one scenario, stopped at the end of the block."""
+    """Service processes of one scenario, stopped at the end of the block; their store is a SQLite file in
+    `workdir` unless `db_url` says otherwise."""
 
-    def __init__(self, workdir: Path, **settings):
-        self.workdir, self.settings = workdir, settings
+    def __init__(self, workdir: Path, registry: Path, db_url: str | None = None, **settings):
+        self.workdir = workdir
+        self.settings = {"db_url": db_url or f"sqlite:///{workdir / 'store.db'}", "registry": registry, **settings}
         self.all: list[ServiceProcess] = []
 
     def add(self, kind: str, port: int | None = None, **settings) -> ServiceProcess:
@@ -241,6 +243,13 @@ class Services:
     def wait(self) -> None:
         for p in self.all:
             p.wait_serving()
+
+    def graph_and_reward(self, **reward_settings) -> tuple[ServiceProcess, ServiceProcess]:
+        """A graph service and a reward service that uses it, both serving."""
+        graph = self.add("graph")
+        reward = self.add("reward", graph_target=graph.address, **reward_settings)
+        self.wait()
+        return graph, reward
 
     def __enter__(self) -> "Services":
         return self
@@ -261,7 +270,7 @@ def _database_outage(out: Outcome, env: FaultEnv, db_url: str, scratch: Path, br
                      restore_db: Callable[[], None], outage_s: float) -> Outcome:
     """Writes and reads through the graph service while the database goes away and comes back."""
     users = env.trained_users()
-    with Services(scratch, db_url=db_url, registry=env.registry) as services:
+    with Services(scratch, env.registry, db_url) as services:
         graph = services.add("graph")
         graph.wait_serving()
         writer = Writer(graph.port, out.name)
@@ -343,12 +352,10 @@ def reward_killed(env: FaultEnv, after_kill_s: float = 3.0) -> Outcome:
     out = Outcome("reward_killed")
     scratch = env.scratch(out.name)
     users, release = env.trained_users(), env.release_id
-    with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=env.registry,
-                  embedding_deadline_ms=EMBEDDING_DEADLINE_MS) as services:
-        graph = services.add("graph")
-        victim = services.add("reward", graph_target=f"127.0.0.1:{graph.port}")
-        other = services.add("reward", graph_target=f"127.0.0.1:{graph.port}")
-        services.wait()
+    with Services(scratch, env.registry, embedding_deadline_ms=EMBEDDING_DEADLINE_MS) as services:
+        graph, victim = services.graph_and_reward()
+        other = services.add("reward", graph_target=graph.address)
+        other.wait_serving()
         with Client(reward=[f"grpc://{victim.address}", f"grpc://{other.address}"],
                     graph=f"grpc://{graph.address}", timeout=CALL_TIMEOUT_S) as client:
             def score(i: int) -> str:
@@ -392,11 +399,9 @@ def graph_killed(env: FaultEnv, outage_s: float = 2.0) -> Outcome:
     out = Outcome("graph_killed")
     scratch = env.scratch(out.name)
     users = env.trained_users()
-    with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=env.registry) as services:
-        graph = services.add("graph")
-        reward = services.add("reward", graph_target=f"127.0.0.1:{graph.port}",
-                              embedding_deadline_ms=EMBEDDING_DEADLINE_MS, embedding_cache_ttl_ms=0)
-        services.wait()
+    with Services(scratch, env.registry) as services:
+        graph, reward = services.graph_and_reward(embedding_deadline_ms=EMBEDDING_DEADLINE_MS,
+                                                  embedding_cache_ttl_ms=0)
         calls = [("by_user", scorer_by_user(reward.port, users)),
                  ("by_embedding", scorer_by_embedding(reward.port, graph.port, users[0]))]
         with Load(calls, threads=2) as load:
@@ -439,6 +444,10 @@ def _copl(*args: str) -> list[str]:
     return [sys.executable, "-m", "copl_cli.main", *args]
 
 
+def _train(env: FaultEnv, registry: Registry) -> list[str]:
+    return _copl("train", "--db", env.db_url, "--registry", str(registry.root), "--profile", "tiny", "--no-progress")
+
+
 def train_killed(env: FaultEnv, phase: str) -> Outcome:
     """`copl train` SIGKILLed during training (its staging directory exists) or during publishing (the
     release is written: metrics.json, the last file before release.json and the rename)."""
@@ -447,12 +456,11 @@ def train_killed(env: FaultEnv, phase: str) -> Outcome:
     scratch = env.scratch(out.name)
     registry = Registry(shutil.copytree(env.registry, scratch / "registry"))
     before = registry.current_id()
-    with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=registry.root) as services:
+    with Services(scratch, registry.root) as services:
         graph = services.add("graph")
         graph.wait_serving()
-        train = subprocess.Popen(_copl("train", "--db", env.db_url, "--registry", str(registry.root), "--profile",
-                                       "tiny", "--no-progress"), cwd=ROOT, env=service_env(scratch),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        train = subprocess.Popen(_train(env, registry), cwd=ROOT, env=service_env(scratch), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
         staged = None
         while train.poll() is None and staged is None:
             staged = next((p for p in registry.root.glob(".staging-*") if (p / marker).exists()), None)
@@ -483,7 +491,7 @@ def registry_disk_full(env: FaultEnv) -> Outcome:
     scratch = env.scratch(out.name)
     mount = scratch / "small-fs"
     mount.mkdir()
-    size = _tree_bytes(env.registry) + (1 << 20)
+    size = _tree_bytes(env.registry) + (64 << 10)   # full before the new GNN is written: fails early
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if made.returncode != 0:
@@ -492,17 +500,16 @@ def registry_disk_full(env: FaultEnv) -> Outcome:
     try:
         registry = Registry(shutil.copytree(env.registry, mount / "registry"))
         before = registry.current_id()
-        with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=registry.root) as services:
+        with Services(scratch, registry.root) as services:
             graph = services.add("graph")
             graph.wait_serving()
-            train = subprocess.run(_copl("train", "--db", env.db_url, "--registry", str(registry.root), "--profile",
-                                         "tiny", "--no-progress"), cwd=ROOT, env=service_env(scratch),
-                                   capture_output=True, text=True, timeout=1200)
+            train = subprocess.run(_train(env, registry), cwd=ROOT, env=service_env(scratch), capture_output=True,
+                                   text=True, timeout=1200)
             lines = [line for line in train.stderr.splitlines() if line.startswith("error:")]
             out.notes.append(f"copl train: exit {train.returncode}, {lines[-1] if lines else train.stderr[-300:]}")
             out.check("copl train fails with one line naming the full disk",
                       train.returncode == 1 and "Traceback" not in train.stderr and len(lines) == 1
-                      and "No space left" in lines[0])
+                      and "No space left" in lines[0] and "unexpected" not in lines[0])
             out.check("CURRENT unchanged", registry.current_id() == before)
             out.check("nothing left behind", not list(registry.root.glob(".*")),
                       f"left: {list(registry.root.glob('.*'))}")
@@ -520,11 +527,8 @@ def corrupt_release(env: FaultEnv) -> Outcome:
     registry = Registry(shutil.copytree(env.registry, scratch / "registry"))
     good = registry.current_id()
     users = env.trained_users()
-    with Services(scratch, db_url=f"sqlite:///{scratch / 'store.db'}", registry=registry.root,
-                  release_poll_s=0.2) as services:
-        graph = services.add("graph")
-        reward = services.add("reward", graph_target=f"127.0.0.1:{graph.port}")
-        services.wait()
+    with Services(scratch, registry.root, release_poll_s=0.2) as services:
+        graph, reward = services.graph_and_reward()
         with Load([("score", scorer_by_user(reward.port, users))], threads=1, interval_s=0.1) as load:
             truncated = copy_release(registry, good)
             for part in ("gnn/tables.safetensors", "reward/weights.safetensors"):
