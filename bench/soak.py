@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -73,7 +74,7 @@ def main() -> None:
     db_url, registry_root = prepare_release(args.workdir)
     env = FaultEnv(db_url=db_url, registry=registry_root, workdir=args.workdir / "runs")
     scratch = env.scratch("soak")
-    registry = Registry(registry_root)
+    registry = Registry(shutil.copytree(registry_root, scratch / "registry"))   # the swap adds a release
     first = registry.current_id()
     users = env.trained_users()
 

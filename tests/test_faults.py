@@ -24,12 +24,12 @@ def _run(scenario, env, *args) -> faults.Outcome:
 
 def test_postgres_down_writes_unavailable_then_recover_nothing_lost(env):
     outcome = _run(faults.database_down_postgres, env)
-    assert outcome.codes["UNAVAILABLE"] > 0 and outcome.acknowledged_writes >= 20 and outcome.lost_writes == 0
+    assert outcome.codes["UNAVAILABLE"] > 0 and outcome.acknowledged_writes >= 60 and outcome.lost_writes == 0
 
 
 def test_readonly_sqlite_writes_unavailable_then_recover_nothing_lost(env):
     outcome = _run(faults.database_readonly_sqlite, env)
-    assert outcome.codes["UNAVAILABLE"] > 0 and outcome.acknowledged_writes >= 20 and outcome.lost_writes == 0
+    assert outcome.codes["UNAVAILABLE"] > 0 and outcome.acknowledged_writes >= 60 and outcome.lost_writes == 0
 
 
 @pytest.mark.slow

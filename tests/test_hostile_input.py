@@ -128,8 +128,10 @@ def test_score_responses_stream(servers, score_requests, data):
         assert len(replies) == len(requests)
         for request, reply in zip(requests, replies):
             assert reply.request_id == request.request_id
-            assert reply.error.code in DOCUMENTED - {"OK"} if reply.HasField("error") else \
-                len(reply.scores) == len(request.responses)
+            if reply.HasField("error"):
+                assert reply.error.code in DOCUMENTED - {"OK"}, reply.error
+            else:
+                assert len(reply.scores) == len(request.responses)
     _alive(g, r)
 
 
