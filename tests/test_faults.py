@@ -22,6 +22,7 @@ def _run(scenario, env, *args) -> faults.Outcome:
     return outcome
 
 
+@pytest.mark.slow   # the non-slow suite has the SQLite case below and test_service_lifecycle's database drop
 def test_postgres_down_writes_unavailable_then_recover_nothing_lost(env):
     outcome = _run(faults.database_down_postgres, env)
     assert outcome.codes["UNAVAILABLE"] > 0 and outcome.acknowledged_writes >= 60 and outcome.lost_writes == 0
