@@ -276,10 +276,10 @@ def _database_outage(out: Outcome, env: FaultEnv, db_url: str, scratch: Path, br
         try:
             with Load([("write", writer), ("read", embedding_reader(graph.port, users))]) as load:
                 out.check("writes succeed before the fault", load.wait_ok(30, "write") is not None)
-                down = time.monotonic()
                 break_db()
+                down = time.monotonic()
                 time.sleep(outage_s)
-                during = load.of("write", down + 0.5)   # calls that started after the fault took hold
+                during = load.of("write", down + 0.5)   # calls made once the fault had taken hold
                 restore_db()
                 up = time.monotonic()
                 first = load.wait_ok(1, "write", after=up, timeout=30)
