@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples")
     parser.add_argument("--threads", type=int, default=3, help="client threads")
     parser.add_argument("--interval-s", type=float, default=0.05, help="least time between calls of a thread")
+    parser.add_argument("--distinct-records", type=int, default=None,
+                        help="write only this many distinct records, over and over (the store stops growing)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "copl-bench-soak")
     args = parser.parse_args()
     minutes = 0.5 if args.quick else args.minutes
@@ -80,7 +82,7 @@ def main() -> None:
 
     with Services(scratch, registry.root, release_poll_s=1.0) as services:
         graph, reward = services.graph_and_reward()
-        writer = Writer(graph.port, "soak")
+        writer = Writer(graph.port, "soak", args.distinct_records)
         newcomers = [f"fault-soak-{i}" for i in range(0, 400, 3)]   # users the writer creates: ADAPTED embeddings
         calls = [("ingest", writer), ("embed", embedding_reader(graph.port, users + newcomers)),
                  ("score", scorer_by_user(reward.port, users + newcomers))]
@@ -112,7 +114,8 @@ def main() -> None:
                     "errors": sum(n for (_k, c), n in codes.items() if c != "OK"),
                     "calls_by_kind": {k: sum(n for (kk, _c), n in codes.items() if kk == k) for k in
                                       ("ingest", "embed", "score")},
-                    "acknowledged_writes": len(writer.acknowledged), "swap": swap,
+                    "acknowledged_writes": len(writer.acknowledged), "distinct_records": args.distinct_records,
+                    "swap": swap,
                     "replies_by_release": dict(releases), "samples": len(samples["graph"]), "fit_from_s": settled}
     print(f"{'process':<8} {'measure':<8} {'start':>9} {'end':>9} {'per hour':>10} {'noise sd':>9}  beyond noise")
     for name, rows in samples.items():

@@ -158,13 +158,15 @@ class Writer:
     """AddPreferences of one new record a call; remembers the users of the acknowledged ones (one user a
     record, so the store's pair count of a user says whether its record is there)."""
 
-    def __init__(self, graph_port: int, tag: str):
+    def __init__(self, graph_port: int, tag: str, distinct: int | None = None):
         self.channel = grpc.insecure_channel(f"127.0.0.1:{graph_port}")
         self.stub = graph_pb2_grpc.GraphServiceStub(self.channel)
         self.tag = tag
+        self.distinct = distinct   # cycle over this many records (duplicates after the first round)
         self.acknowledged: list[str] = []
 
     def __call__(self, i: int) -> str:
+        i = i % self.distinct if self.distinct else i
         user = f"fault-{self.tag}-{i}"
         record = graph_pb2.PreferenceRecord(user_id=user, prompt=f"fault prompt {i}", chosen=f"kept answer {i}",
                                             rejected=f"dropped answer {i}")
