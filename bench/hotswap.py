@@ -1,7 +1,7 @@
 """Hot swaps under traffic: failed requests, replies that mixed two releases, and latency p99 during swaps
 beside steady state, with both services running as `copl up` runs them (two child processes, loopback).
 
-A tiny release is trained once in --workdir (bench/serve.py's `prepare`: uf-p-2, 200 users, SQLite; about a
+A tiny release is trained once in --workdir (testkit.services.prepare_release: uf-p-2, 200 users, SQLite; about a
 minute) and reused. Each run copies that registry to a scratch directory and starts both services on it.
 Client threads (copl_cli/swap_traffic.py, shared with `copl demo`) score without pause, half by user id,
 half by embedding fetched from the graph service. Every few seconds the bench publishes a new release (a
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.serve import prepare  # noqa: E402
 from copl_cli.services import ServiceProcesses, free_loopback_ports  # noqa: E402
+from testkit.services import prepare_release  # noqa: E402
 from copl_cli.swap_traffic import Probe, SwapTraffic, percentile  # noqa: E402
 from copl_client import Client  # noqa: E402
 from copl_common.registry import Registry  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     swaps = args.swaps or (3 if args.quick else 8)
     steady_s = args.steady_s or (2.0 if args.quick else 5.0)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    url, cached = prepare(args.workdir)
+    url, cached = prepare_release(args.workdir)
 
     with tempfile.TemporaryDirectory(prefix="copl-hotswap-") as scratch:
         registry = Registry(shutil.copytree(cached, Path(scratch) / "registry"))

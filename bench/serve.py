@@ -43,23 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
 from copl_cli.services import free_loopback_ports  # noqa: E402
-
-
-def prepare(workdir: Path) -> tuple[str, Path]:
-    """(db url, registry) with a current tiny release, trained here on first use."""
-    from copl_common.registry import Registry
-    registry, url = workdir / "registry", f"sqlite:///{(workdir / 'copl.db').resolve()}"
-    if Registry(registry).current_id() is None:
-        from graph_service.ingest import ingest_files
-        from graph_service.store import PreferenceStore
-        from trainer.pipeline import TrainRequest, train_release
-        from trainer.synth import SynthConfig, generate, write
-        print(f"training the bench's release once in {workdir} (about a minute)", file=sys.stderr)
-        write(generate(SynthConfig(preset="uf-p-2", users=200, seed=1)), workdir / "dataset")
-        with PreferenceStore(url) as store:
-            ingest_files(store, [workdir / "dataset" / "train_seen.jsonl"], progress=False)
-            train_release(TrainRequest(db_url=url, registry=registry, profile="tiny", progress=False))
-    return url, registry
+from testkit.services import prepare_release  # noqa: E402
 
 
 def start_services(url: str, registry: Path, workdir: Path, torch_threads: int) -> tuple[subprocess.Popen, int, int, str]:
@@ -237,7 +221,7 @@ def main() -> None:
             ap.error("--registry needs --db")
         url, registry = args.db, args.registry
     else:
-        url, registry = prepare(args.workdir)
+        url, registry = prepare_release(args.workdir)
 
     from copl_common.registry import Registry
     from graph_service.embeddings import GNNCheckpoint

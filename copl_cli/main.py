@@ -220,6 +220,7 @@ def train(
     from copl_common.settings import default_db_url
     url = db or default_db_url()
     _store(url).close()  # an unreachable or unusable store fails here, in one line, before the heavy imports
+    from safetensors import SafetensorError
 
     from trainer.pipeline import TrainRequest, train_release
     from trainer.profiles import PROFILE_NAMES
@@ -234,6 +235,9 @@ def train(
         _fail(str(exc))
     except SQLAlchemyError as exc:  # the store went away while training
         _fail(_database_error(url, exc))
+    except (OSError, SafetensorError) as exc:  # the registry's disk full or read-only; the staging directory is gone
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"cannot write the release into {reg.root}: {reason} (the current release is unchanged)")
     metrics = release.manifest["metrics"]
     part = metrics["holdout"]
     if metrics["report_accuracy"] is None:  # too few users with pairs to hold out (README: awkward stores)

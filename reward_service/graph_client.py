@@ -32,6 +32,10 @@ _MAPPED = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.NO
            grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
            grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
 SOURCE_NAMES = {v: k for k, v in common_pb2.EmbeddingSource.items()}
+# Reconnect to a restarted graph service within about a second: gRPC's default backoff (1 s growing 1.6x to
+# 120 s) kept requests by user id failing for ~3 s after a graph service that was down 10 s came back.
+_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+              ("grpc.max_reconnect_backoff_ms", 1000))
 
 
 class GraphClient:
@@ -53,8 +57,8 @@ class GraphClient:
 
     def _graph(self) -> graph_pb2_grpc.GraphServiceStub:
         if self._stub is None:  # created on the serving loop, on first use
-            self._channel = (grpc.aio.secure_channel(self.target, self._credentials) if self._credentials
-                             else grpc.aio.insecure_channel(self.target))
+            self._channel = (grpc.aio.secure_channel(self.target, self._credentials, options=_RECONNECT)
+                             if self._credentials else grpc.aio.insecure_channel(self.target, options=_RECONNECT))
             self._stub = graph_pb2_grpc.GraphServiceStub(self._channel)
         return self._stub
 

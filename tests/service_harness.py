@@ -3,7 +3,6 @@ listening on free loopback ports; tests talk to them through real gRPC channels.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -12,10 +11,11 @@ import grpc
 
 from copl.v1 import common_pb2_grpc, graph_pb2_grpc, reward_pb2_grpc
 from copl_common.auth import bearer_metadata
-from copl_common.registry import Registry, Release, new_release_id
+from copl_common.registry import Registry
 from copl_common.service_settings import ServiceSettings
 from graph_service.server import GraphService
 from reward_service.server import RewardService
+from testkit.services import copy_release  # noqa: F401  (tests import it from here)
 
 TOKEN = "test-write-token-0123456789"
 AUTH = bearer_metadata(TOKEN)
@@ -81,18 +81,3 @@ class Stubs:
 def copy_registry(src: Path, dst: Path) -> Registry:
     shutil.copytree(src, dst)
     return Registry(dst)
-
-
-def copy_release(registry: Registry, release_id: str, corrupt: str | None = None) -> Release:
-    """A copy of a release under a new id (not made current); `corrupt` names a file of it to damage."""
-    new_id = new_release_id()
-    path = registry.releases_dir / new_id
-    shutil.copytree(registry.get(release_id).path, path)
-    manifest = json.loads((path / "release.json").read_text())
-    manifest["id"] = new_id
-    (path / "release.json").write_text(json.dumps(manifest))
-    if corrupt is not None:
-        data = bytearray((path / corrupt).read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        (path / corrupt).write_bytes(bytes(data))
-    return registry.get(new_id)
