@@ -5,7 +5,6 @@ the caller's own (initdb + pg_ctl on a free port in a scratch directory) that ca
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import signal
