@@ -17,6 +17,15 @@ class RunInProgress(RuntimeError):
     pass
 
 
+def lock_holder(registry_root: str | Path) -> str | None:
+    """Who holds the run lock now (host and pid), or None when nobody does."""
+    try:
+        with run_lock(registry_root):
+            return None
+    except RunInProgress as exc:
+        return str(exc)
+
+
 @contextmanager
 def run_lock(registry_root: str | Path) -> Iterator[None]:
     """Hold the registry's run lock for the block; RunInProgress at once if another run holds it."""

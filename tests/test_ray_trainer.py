@@ -1,0 +1,177 @@
+"""The trainer under real Ray and the quality gate, on real stores, registries and services: an in-process Ray
+run publishes a release that the gate judges; a degraded run (labels shuffled) is rejected and not swapped
+into running services, --force overrides, rollback swaps back; a run killed while publishing leaves the
+previous release current and intact and the next run succeeds."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from copl.v1 import reward_pb2
+from copl_common.checksums import sha256_file
+from copl_common.registry import Registry
+from graph_service.ingest import ingest_files
+from graph_service.store import PreferenceStore
+from tests.conftest import write_jsonl
+from tests.service_harness import ServiceLoop, Stubs, copy_registry, settings_for
+from trainer.gate import apply_gate, judge
+from trainer.pipeline import TrainRequest, train_release
+from trainer.ray_stages import RaySettings, train_release_on_ray
+
+REPO = Path(__file__).resolve().parents[1]
+COPL = [sys.executable, "-m", "copl_cli.main"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _copl(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run([*COPL, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600, **kwargs)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _shuffled_store(records: list[dict], path: Path, seed: int = 0) -> str:
+    """The same pairs with chosen and rejected swapped for a random half: no model can beat a coin on them,
+    held-out part included."""
+    rng = random.Random(seed)
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if rng.random() < 0.5 else r for r in records]
+    url = f"sqlite:///{path / 'shuffled.db'}"
+    with PreferenceStore(url) as store:
+        ingest_files(store, [write_jsonl(path / "shuffled.jsonl", swapped)], progress=False)
+    return url
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_gate_rules(tiny_release, tmp_path):
+    """The documented rule, including releases without a held-out report accuracy."""
+    registry = copy_registry(tiny_release.registry, tmp_path / "registry")
+    good = registry.get(tiny_release.release.id)
+    old = good.manifest["metrics"]["report_accuracy"]
+    assert old is not None and old > 0.7
+
+    def with_accuracy(accuracy):
+        return type(good)(good.id, good.path, {**good.manifest, "metrics": {"report_accuracy": accuracy}})
+
+    assert judge(good, None, 0.02).accepted
+    assert judge(with_accuracy(old - 0.01), good, 0.02).accepted
+    worse = judge(with_accuracy(old - 0.05), good, 0.02)
+    assert not worse.accepted and "worse than current release" in worse.reason
+    unmeasured = judge(with_accuracy(None), good, 0.02)
+    assert not unmeasured.accepted and "no held-out report accuracy" in unmeasured.reason
+    assert judge(good, with_accuracy(None), 0.02).accepted
+
+
+@pytest.mark.slow
+def test_ray_run_gate_rejects_degraded_force_and_rollback_in_services(tiny_release, ray_local, tmp_path):
+    """A Ray run (GNN task + Ray Train reward model) on a store whose labels are shuffled publishes a release the
+    gate rejects: it stays out of the running services; `copl releases list` says why; rollback to it is refused;
+    --force makes it current and the services swap to it; rollback swaps the good release back."""
+    registry = copy_registry(tiny_release.registry, tmp_path / "registry")
+    good = tiny_release.release.id
+    degraded_url = _shuffled_store(tiny_release.dataset.train_seen, tmp_path)
+    loop = ServiceLoop()
+    try:
+        settings = settings_for(tiny_release.db_url, registry.root)
+        graph = loop.graph(settings)
+        reward = loop.reward(settings.with_overrides(graph_target=f"127.0.0.1:{graph.port}"))
+        stubs = Stubs(reward.port)
+        r = tiny_release.dataset.test[0]
+        request = reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"], responses=[r["chosen"], r["rejected"]])
+        assert stubs.reward.ScoreResponses(request).release_id == good
+
+        started = time.perf_counter()
+        degraded = train_release_on_ray(TrainRequest(db_url=degraded_url, registry=registry.root, profile="tiny",
+                                                     reward_max_steps=10, progress=False), settings=RaySettings())
+        print(f"ray run: {time.perf_counter() - started:.1f}s")
+        status = registry.status(degraded.id)
+        assert status["status"] == "rejected" and "worse than current release" in status["reason"], status
+        assert degraded.manifest["metrics"]["report_accuracy"] < 0.65
+        assert (degraded.path / "reward" / "manifest.json").is_file() and not (degraded.path / ".ray-train").exists()
+        assert registry.current_id() == good
+        time.sleep(1.0)  # several pointer polls: nothing to swap to
+        assert stubs.reward.ScoreResponses(request).release_id == good
+
+        listed = [json.loads(line) for line in _copl("releases", "list", "--registry", str(registry.root),
+                                                     "--json").stdout.splitlines()]
+        assert {row["id"]: row["status"] for row in listed} == {good: "current", degraded.id: "rejected"}
+        assert "worse than current release" in listed[1]["reason"] and listed[1]["snapshot_time"]
+        refused = _copl("releases", "rollback", degraded.id, "--registry", str(registry.root), check=False)
+        assert refused.returncode == 1 and "rejected by the quality gate" in refused.stderr
+
+        forced = apply_gate(registry, degraded, force=True)   # what `copl train --force` does after publishing
+        assert not forced.accepted and registry.current_id() == degraded.id
+        assert registry.status(degraded.id)["forced"] is True
+        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == degraded.id, 120, "the forced swap")
+
+        _copl("releases", "rollback", good, "--registry", str(registry.root))
+        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == good, 120, "the rollback swap")
+        stubs.close()
+    finally:
+        loop.close()
+
+
+KILL_AT_PUBLISH = """
+import os, signal, sys
+import copl_common.registry as registry
+point = sys.argv.pop(1)
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "move":        # the staged release is complete and fsynced, about to be renamed into releases/
+    registry.os.rename = die
+else:                      # published, about to record the gate's decision and switch CURRENT
+    registry.os.replace = die
+from copl_cli.main import main
+sys.argv[0] = "copl"
+main()
+"""
+
+
+@pytest.mark.slow
+def test_run_killed_while_publishing_leaves_previous_release_current(tiny_release, tmp_path):
+    """SIGKILL at the two moments of publishing: before the release directory moves into place, and after it has
+    (before the gate's decision and CURRENT). The previous release stays current and byte-for-byte intact,
+    nothing half-written is listed, and the next run succeeds and cleans the dead run's scratch up."""
+    registry = copy_registry(tiny_release.registry, tmp_path / "registry")
+    previous = tiny_release.release.id
+    before = _tree_digest(registry.get(previous).path)
+    args = ["train", "--db", tiny_release.db_url, "--registry", str(registry.root), "--profile", "tiny",
+            "--reward-max-steps", "5", "--max-regression", "1", "--no-progress"]
+    for point in ("move", "switch"):
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_PUBLISH, point, *args], capture_output=True,
+                                text=True, env=ENV, cwd=REPO, timeout=600)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert registry.current_id() == previous
+        assert _tree_digest(registry.get(previous).path) == before
+        releases, broken = registry.scan()
+        assert broken == []
+        if point == "move":
+            assert [r.id for r in releases] == [previous]
+            assert any(p.name.startswith(".staging-") for p in registry.root.iterdir())
+        else:  # published, never judged: listed as such, not current
+            orphan = next(r.id for r in releases if r.id != previous)
+            assert registry.status(orphan) is None
+    listed = _copl("releases", "list", "--registry", str(registry.root)).stdout
+    assert "published" in listed and f"* {previous}" in listed
+
+    after = _copl(*args)
+    new_id = after.stdout.strip().splitlines()[-1]
+    assert registry.current_id() == new_id != previous
+    assert registry.status(new_id)["status"] == "accepted"
+    assert not [p.name for p in registry.root.iterdir() if p.name.startswith((".staging-", ".CURRENT.", ".status."))]
