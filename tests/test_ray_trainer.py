@@ -131,12 +131,17 @@ KILL_AT_PUBLISH = """
 import os, signal, sys
 import copl_common.registry as registry
 point = sys.argv.pop(1)
-def die(*args):
+def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
+rename = os.rename
+def rename_or_die(src, dst, *args, **kwargs):
+    if os.path.basename(src).startswith(".staging-"):
+        die()
+    return rename(src, dst, *args, **kwargs)
 if point == "move":        # the staged release is complete and fsynced, about to be renamed into releases/
-    registry.os.rename = die
+    os.rename = rename_or_die
 else:                      # published, about to record the gate's decision and switch CURRENT
-    registry.os.replace = die
+    registry.Registry.set_status = die
 from copl_cli.main import main
 sys.argv[0] = "copl"
 main()
