@@ -180,3 +180,100 @@ def test_run_killed_while_publishing_leaves_previous_release_current(tiny_releas
     assert registry.current_id() == new_id != previous
     assert registry.status(new_id)["status"] == "accepted"
     assert not [p.name for p in registry.root.iterdir() if p.name.startswith((".staging-", ".CURRENT.", ".status."))]
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """`ray start --head` on loopback with this test's own temp dir and ports (token auth off, explicitly on
+    both sides); the address of its job server. Stopped by signalling the process group it started (never
+    `ray stop`, which stops every Ray on the machine)."""
+    import signal
+    temp_dir = Path(f"/tmp/copl-raytest-{os.getpid()}")   # short: Unix socket paths are limited to 107 bytes
+    gcs, dashboard, client, manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(9)
+    env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--include-dashboard", "true", "--ray-client-server-port", str(client), "--node-manager-port", str(manager),
+         "--object-manager-port", str(objects), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(runtime_env), "--num-cpus", "2", "--temp-dir", str(temp_dir),
+         "--object-store-memory", str(256 * 2**20), "--disable-usage-stats"],
+        env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 180
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head's job server did not come up"
+                time.sleep(1)
+        yield address
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                head.wait(wait)
+                time.sleep(2)  # Ray's children get the signal too; give them a moment
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(head.pid, signal.SIGKILL)   # anything of that group still alive
+        except ProcessLookupError:
+            pass
+        import shutil
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_retrain_as_ray_job_on_a_cluster_is_served(tiny_release, ray_head, tmp_path):
+    """`copl retrain --address` submits the run to a `ray start --head` cluster as a Ray job, follows its logs
+    to the end; the job publishes a release that the running services then serve. `copl jobs` sees the job."""
+    registry = copy_registry(tiny_release.registry, tmp_path / "registry")
+    loop = ServiceLoop()
+    try:
+        settings = settings_for(tiny_release.db_url, registry.root)
+        graph = loop.graph(settings)
+        reward = loop.reward(settings.with_overrides(graph_target=f"127.0.0.1:{graph.port}"))
+        stubs = Stubs(reward.port)
+        r = tiny_release.dataset.test[0]
+        request = reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"], responses=[r["chosen"], r["rejected"]])
+        assert stubs.reward.ScoreResponses(request).release_id == tiny_release.release.id
+
+        env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+        done = subprocess.run([*COPL, "retrain", "--address", ray_head, "--db", tiny_release.db_url,
+                               "--registry", str(registry.root), "--profile", "tiny", "--reward-max-steps", "5",
+                               "--max-regression", "1"],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+        assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+        job_id = done.stdout.splitlines()[0].strip()
+        new_id = registry.current_id()
+        assert new_id != tiny_release.release.id and new_id in done.stdout  # the job's `copl train` printed it
+        assert registry.status(new_id)["status"] == "accepted"
+        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == new_id, 120, "the new release")
+        status = _copl("jobs", "status", job_id, "--address", ray_head).stdout
+        assert status.startswith(f"{job_id} SUCCEEDED")
+        assert new_id in _copl("jobs", "logs", job_id, "--address", ray_head).stdout
+        unknown = _copl("jobs", "status", "raysubmit_nosuchjob", "--address", ray_head, check=False)
+        assert unknown.returncode == 1 and unknown.stderr.startswith("error:")
+        stubs.close()
+    finally:
+        loop.close()
