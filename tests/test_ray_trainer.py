@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,9 @@ from copl_common.registry import Registry
 from graph_service.ingest import ingest_files
 from graph_service.store import PreferenceStore
 from tests.conftest import write_jsonl
-from tests.service_harness import ServiceLoop, Stubs, copy_registry, settings_for
+from tests.service_harness import ServiceLoop, Stubs, copy_registry, free_ports, settings_for, wait_for
 from trainer.gate import apply_gate, judge
-from trainer.pipeline import TrainRequest, train_release
+from trainer.pipeline import TrainRequest
 from trainer.ray_stages import RaySettings, train_release_on_ray
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +53,21 @@ def _tree_digest(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+@contextmanager
+def _services(tiny_release, registry: Registry):
+    """Both services on `registry` (tiny_release's store); yields reward-service stubs and a score request."""
+    loop = ServiceLoop()
+    try:
+        settings = settings_for(tiny_release.db_url, registry.root)
+        graph = loop.graph(settings)
+        reward = loop.reward(settings.with_overrides(graph_target=f"127.0.0.1:{graph.port}"))
+        stubs = Stubs(reward.port)
+        r = tiny_release.dataset.test[0]
+        yield stubs, reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"],
+                                             responses=[r["chosen"], r["rejected"]])
+        stubs.close()
+    finally:
+        loop.close()
 
 
 def test_gate_rules(tiny_release, tmp_path):
@@ -86,20 +97,11 @@ def test_ray_run_gate_rejects_degraded_force_and_rollback_in_services(tiny_relea
     registry = copy_registry(tiny_release.registry, tmp_path / "registry")
     good = tiny_release.release.id
     degraded_url = _shuffled_store(tiny_release.dataset.train_seen, tmp_path)
-    loop = ServiceLoop()
-    try:
-        settings = settings_for(tiny_release.db_url, registry.root)
-        graph = loop.graph(settings)
-        reward = loop.reward(settings.with_overrides(graph_target=f"127.0.0.1:{graph.port}"))
-        stubs = Stubs(reward.port)
-        r = tiny_release.dataset.test[0]
-        request = reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"], responses=[r["chosen"], r["rejected"]])
+    with _services(tiny_release, registry) as (stubs, request):
         assert stubs.reward.ScoreResponses(request).release_id == good
 
-        started = time.perf_counter()
         degraded = train_release_on_ray(TrainRequest(db_url=degraded_url, registry=registry.root, profile="tiny",
                                                      reward_max_steps=10, progress=False), settings=RaySettings())
-        print(f"ray run: {time.perf_counter() - started:.1f}s")
         status = registry.status(degraded.id)
         assert status["status"] == "rejected" and "worse than current release" in status["reason"], status
         assert degraded.manifest["metrics"]["report_accuracy"] < 0.65
@@ -118,13 +120,10 @@ def test_ray_run_gate_rejects_degraded_force_and_rollback_in_services(tiny_relea
         forced = apply_gate(registry, degraded, force=True)   # what `copl train --force` does after publishing
         assert not forced.accepted and registry.current_id() == degraded.id
         assert registry.status(degraded.id)["forced"] is True
-        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == degraded.id, 120, "the forced swap")
+        wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == degraded.id, 120, "the forced swap")
 
         _copl("releases", "rollback", good, "--registry", str(registry.root))
-        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == good, 120, "the rollback swap")
-        stubs.close()
-    finally:
-        loop.close()
+        wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == good, 120, "the rollback swap")
 
 
 KILL_AT_PUBLISH = """
@@ -182,17 +181,6 @@ def test_run_killed_while_publishing_leaves_previous_release_current(tiny_releas
     assert not [p.name for p in registry.root.iterdir() if p.name.startswith((".staging-", ".CURRENT.", ".status."))]
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head(tmp_path_factory):
     """`ray start --head` on loopback with this test's own temp dir and ports (token auth off, explicitly on
@@ -200,7 +188,7 @@ def ray_head(tmp_path_factory):
     `ray stop`, which stops every Ray on the machine)."""
     import signal
     temp_dir = Path(f"/tmp/copl-raytest-{os.getpid()}")   # short: Unix socket paths are limited to 107 bytes
-    gcs, dashboard, client, manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(9)
+    gcs, dashboard, client, manager, objects, agent, agent_grpc, metrics, runtime_env = free_ports(9)
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -248,14 +236,7 @@ def test_retrain_as_ray_job_on_a_cluster_is_served(tiny_release, ray_head, tmp_p
     """`copl retrain --address` submits the run to a `ray start --head` cluster as a Ray job, follows its logs
     to the end; the job publishes a release that the running services then serve. `copl jobs` sees the job."""
     registry = copy_registry(tiny_release.registry, tmp_path / "registry")
-    loop = ServiceLoop()
-    try:
-        settings = settings_for(tiny_release.db_url, registry.root)
-        graph = loop.graph(settings)
-        reward = loop.reward(settings.with_overrides(graph_target=f"127.0.0.1:{graph.port}"))
-        stubs = Stubs(reward.port)
-        r = tiny_release.dataset.test[0]
-        request = reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"], responses=[r["chosen"], r["rejected"]])
+    with _services(tiny_release, registry) as (stubs, request):
         assert stubs.reward.ScoreResponses(request).release_id == tiny_release.release.id
 
         env = {**ENV, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
@@ -268,12 +249,9 @@ def test_retrain_as_ray_job_on_a_cluster_is_served(tiny_release, ray_head, tmp_p
         new_id = registry.current_id()
         assert new_id != tiny_release.release.id and new_id in done.stdout  # the job's `copl train` printed it
         assert registry.status(new_id)["status"] == "accepted"
-        _wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == new_id, 120, "the new release")
+        wait_for(lambda: stubs.reward.ScoreResponses(request).release_id == new_id, 120, "the new release")
         status = _copl("jobs", "status", job_id, "--address", ray_head).stdout
         assert status.startswith(f"{job_id} SUCCEEDED")
         assert new_id in _copl("jobs", "logs", job_id, "--address", ray_head).stdout
         unknown = _copl("jobs", "status", "raysubmit_nosuchjob", "--address", ray_head, check=False)
         assert unknown.returncode == 1 and unknown.stderr.startswith("error:")
-        stubs.close()
-    finally:
-        loop.close()

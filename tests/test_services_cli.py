@@ -14,19 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc
 from copl_common.auth import bearer_metadata
-from tests.service_harness import copy_registry
+from tests.service_harness import copy_registry, free_ports
 
 COPL = [sys.executable, "-m", "copl_cli.main"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _serving(port: int) -> bool:
@@ -45,7 +35,7 @@ def _env(home) -> dict:
 
 def test_copl_up_serves_both_and_stops_both_on_sigterm(tiny_release, tmp_path):
     registry = copy_registry(tiny_release.registry, tmp_path / "registry")
-    graph_port, reward_port, graph_metrics, reward_metrics = _free_ports(4)
+    graph_port, reward_port, graph_metrics, reward_metrics = free_ports(4)
     proc = subprocess.Popen([*COPL, "up", "--db", tiny_release.db_url, "--registry", str(registry.root),
                              "--graph-port", str(graph_port), "--reward-port", str(reward_port),
                              "--graph-metrics-port", str(graph_metrics), "--reward-metrics-port", str(reward_metrics)],
