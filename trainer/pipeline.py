@@ -156,15 +156,16 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
     if request.reward_max_steps is not None:
         rm_train_cfg = replace(rm_train_cfg, max_steps=request.reward_max_steps,
                                warmup_steps=min(rm_train_cfg.warmup_steps, request.reward_max_steps - 1))
-    with run_lock(request.registry):
-        return _train_release(request, prof, rm_model_cfg, rm_train_cfg, report, stages)
+    started = time.perf_counter()
+    with PreferenceStore(request.db_url) as store:
+        snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here, before the registry
+    with run_lock(request.registry):                                 # is touched
+        return _train_release(request, prof, rm_model_cfg, rm_train_cfg, snapshot, texts, started, report, stages)
 
 
 def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardModelConfig, rm_train_cfg: RMTrainConfig,
+                   snapshot: GraphSnapshot, texts: list[tuple[str, str, str]], started: float,
                    report: Callable[[dict[str, Any]], None] | None, stages: Stages) -> Release:
-    started = time.perf_counter()
-    with PreferenceStore(request.db_url) as store:
-        snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here
     holdout = holdout_split(snapshot.triples, snapshot.num_users, prof.gnn.seed)
     registry = Registry(request.registry)
     with registry.stage() as staged:
