@@ -255,3 +255,17 @@ def test_retrain_as_ray_job_on_a_cluster_is_served(tiny_release, ray_head, tmp_p
         assert new_id in _copl("jobs", "logs", job_id, "--address", ray_head).stdout
         unknown = _copl("jobs", "status", "raysubmit_nosuchjob", "--address", ray_head, check=False)
         assert unknown.returncode == 1 and unknown.stderr.startswith("error:")
+
+
+def test_no_service_imports_ray():
+    """The arrows of DESIGN.md: services, shared code and the client never import ray (only trainer/ and the
+    command line's Ray commands do, inside the functions that need it)."""
+    import ast
+    offenders = []
+    for package in ("graph_service", "reward_service", "copl_common", "clients"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
+    assert offenders == []
