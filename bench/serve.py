@@ -27,7 +27,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
+from testkit.ports import free_ports  # noqa: E402
 
 
 def prepare(workdir: Path) -> tuple[str, Path]:
@@ -60,16 +60,6 @@ def prepare(workdir: Path) -> tuple[str, Path]:
             ingest_files(store, [workdir / "dataset" / "train_seen.jsonl"], progress=False)
             train_release(TrainRequest(db_url=url, registry=registry, profile="tiny", progress=False))
     return url, registry
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start_services(url: str, registry: Path, workdir: Path, torch_threads: int) -> tuple[subprocess.Popen, int, int, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -97,17 +96,6 @@ def copy_release(registry: Registry, release_id: str, corrupt: str | None = None
         data[len(data) // 2] ^= 0xFF
         (path / corrupt).write_bytes(bytes(data))
     return registry.get(new_id)
-
-
-def free_ports(n: int) -> list[int]:
-    """n loopback ports that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -21,7 +21,8 @@ from copl_common.registry import Registry
 from graph_service.ingest import ingest_files
 from graph_service.store import PreferenceStore
 from tests.conftest import write_jsonl
-from tests.service_harness import ServiceLoop, Stubs, copy_registry, free_ports, settings_for, wait_for
+from testkit.ports import free_ports
+from tests.service_harness import ServiceLoop, Stubs, copy_registry, settings_for, wait_for
 from trainer.gate import apply_gate, judge
 from trainer.pipeline import TrainRequest
 from trainer.ray_stages import RaySettings, train_release_on_ray

@@ -14,7 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc
 from copl_common.auth import bearer_metadata
-from tests.service_harness import copy_registry, free_ports
+from testkit.ports import free_ports
+from tests.service_harness import copy_registry
 
 COPL = [sys.executable, "-m", "copl_cli.main"]
 
