@@ -270,3 +270,20 @@ def test_no_service_imports_ray():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_two_reward_workers_train_data_parallel(ray_local, tmp_path):
+    """--reward-workers 2: two Ray Train workers (half a CPU each, to fit the test's 2-CPU Ray) split the training
+    pairs and average gradients; the release publishes with the usual metrics."""
+    from trainer.synth import SynthConfig, generate
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with PreferenceStore(url) as store:
+        records = generate(SynthConfig(preset="uf-p-2", users=60, seed=2)).train_seen
+        ingest_files(store, [write_jsonl(tmp_path / "seen.jsonl", records)], progress=False)
+    release = train_release_on_ray(
+        TrainRequest(db_url=url, registry=tmp_path / "registry", profile="tiny", reward_max_steps=6, progress=False),
+        settings=RaySettings(reward_workers=2, reward_cpus_per_worker=0.5))
+    reward = release.manifest["metrics"]["reward"]
+    assert reward["steps"] == 6 and reward["selection_pairs"] > 0 and reward["report_accuracy"] is not None
+    assert Registry(tmp_path / "registry").current_id() == release.id
