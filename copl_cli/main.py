@@ -202,6 +202,11 @@ def _release(registry, release_id: str | None):
     return release
 
 
+MaxRegressionOption = Annotated[float, typer.Option(
+    min=0.0, help="quality gate: how much lower than the current release's held-out report accuracy a new "
+                  "release's may be and still become current")]
+
+
 @app.command()
 def train(
     db: DbOption = None,
@@ -211,9 +216,19 @@ def train(
     baseline: Annotated[bool, typer.Option("--baseline", help="train the non-personalized baseline (one LoRA, no user input)")] = False,
     device: Annotated[Optional[str], typer.Option(help="reward-model device: auto | cpu | cuda (default: auto)")] = None,
     no_switch: Annotated[bool, typer.Option("--no-switch", help="publish without making the release current")] = False,
+    max_regression: MaxRegressionOption = 0.02,
+    force: Annotated[bool, typer.Option("--force", help="make the release current even if the quality gate rejects it")] = False,
+    reward_max_steps: Annotated[Optional[int], typer.Option(min=1, help="smoke runs: at most this many reward-model steps")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="run the stages on a private Ray started in this process")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="run the stages on this Ray cluster (auto: the one of a Ray job)")] = None,
+    ray_cpus: Annotated[Optional[int], typer.Option(min=1, help="CPUs of the in-process Ray (default: all)")] = None,
+    gnn_cpus: Annotated[float, typer.Option(min=0.01, help="CPUs of the GNN's Ray task")] = 1.0,
+    reward_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers for the reward model (>1: data-parallel)")] = 1,
+    use_gpu: Annotated[bool, typer.Option("--use-gpu", help="one GPU per Ray Train worker")] = False,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ):
-    """Retrain the GNN and the reward model, publish them as one release, print its id."""
+    """Retrain the GNN and the reward model, publish them as one release, print its id. The release becomes
+    current if the quality gate accepts it (README: "Retraining with Ray")."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from copl_common.registry import RegistryError
@@ -224,14 +239,22 @@ def train(
 
     from trainer.pipeline import TrainRequest, train_release
     from trainer.profiles import PROFILE_NAMES
+    from trainer.run_lock import RunInProgress
     if profile not in PROFILE_NAMES:
         _fail(f"unknown profile {profile!r}: choose one of {', '.join(PROFILE_NAMES)}")
     reg = _registry(registry)
     request = TrainRequest(db_url=url, registry=reg.root, profile=profile, until=_utc(until),
-                           personalized=not baseline, device=device, make_current=not no_switch, progress=progress)
+                           personalized=not baseline, device=device, make_current=not no_switch,
+                           max_regression=max_regression, force=force, reward_max_steps=reward_max_steps,
+                           progress=progress)
     try:
-        release = train_release(request)
-    except (ValueError, RegistryError) as exc:  # empty store, bad settings, a release that cannot be published
+        if ray or ray_address:
+            from trainer.ray_stages import RaySettings, train_release_on_ray
+            release = train_release_on_ray(request, ray_address, RaySettings(
+                num_cpus=ray_cpus, gnn_num_cpus=gnn_cpus, reward_workers=reward_workers, use_gpu=use_gpu))
+        else:
+            release = train_release(request)
+    except (ValueError, RegistryError, RunInProgress) as exc:  # empty store, bad settings, another run, ...
         _fail(str(exc))
     except SQLAlchemyError as exc:  # the store went away while training
         _fail(_database_error(url, exc))
@@ -247,6 +270,11 @@ def train(
         typer.echo(f"held-out report part ({part['report_pairs']} pairs of {part['report_users']} users, unseen by "
                    f"training and early stopping): reward model accuracy {metrics['report_accuracy']:.3f}, "
                    f"GNN accuracy {metrics['gnn']['report_accuracy']:.3f}; {metrics['seconds']:.0f}s", err=True)
+    status = reg.status(release.id)
+    if status is not None:
+        outcome = ("current (forced past the quality gate)" if status["forced"] else
+                   "current" if status["accepted"] else "NOT current (rejected by the quality gate; --force overrides)")
+        typer.echo(f"release {release.id} is {outcome}: {status['reason']}", err=True)
     typer.echo(release.id)
 
 
@@ -317,22 +345,40 @@ releases_app = typer.Typer(help="Published releases (GNN + reward model).", no_a
 app.add_typer(releases_app, name="releases")
 
 
+def _release_status(reg, release_id: str, current: str | None) -> tuple[str, str]:
+    """(status, reason): current | accepted | rejected | published (nobody judged it: --no-switch, or a run
+    that stopped between publishing and the gate)."""
+    decision = reg.status(release_id) or {}
+    if release_id == current:
+        return "current", decision.get("reason", "")
+    return decision.get("status", "published"), decision.get("reason", "")
+
+
 @releases_app.command("list")
 def releases_list(registry: RegistryOption = None,
                   as_json: Annotated[bool, typer.Option("--json", help="print one JSON object a line")] = False):
-    """Every release, oldest first; the current one is marked. A directory that is not a usable release
-    is named on stderr (and the exit code is 1) after the good ones are listed."""
+    """Every release, oldest first: id, time, data snapshot, held-out report accuracy, status (current,
+    accepted, rejected with the reason). A directory that is not a usable release is named on stderr (and
+    the exit code is 1) after the good ones are listed."""
+    from copl_common.registry import RegistryError
     reg = _registry(registry)
     current = reg.current_id()
     releases, broken = reg.scan()
     for rel in releases:
         m = rel.manifest
-        row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at, "profile": m.get("profile"),
-               "users": m.get("data", {}).get("users"),
-               "report_accuracy": m.get("metrics", {}).get("report_accuracy")}
+        try:
+            status, reason = _release_status(reg, rel.id, current)
+        except RegistryError as exc:
+            status, reason = "unknown", str(exc)
+        row = {"id": rel.id, "current": rel.id == current, "created_at": rel.created_at,
+               "snapshot_time": m.get("snapshot_time"), "profile": m.get("profile"),
+               "users": m.get("data", {}).get("users"), "preferences": m.get("data", {}).get("preferences"),
+               "report_accuracy": m.get("metrics", {}).get("report_accuracy"), "status": status, "reason": reason}
+        accuracy = "-" if row["report_accuracy"] is None else f"{row['report_accuracy']:.4f}"
         typer.echo(json.dumps(row) if as_json else
-                   f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  profile={row['profile']}  "
-                   f"users={row['users']}  report_acc={row['report_accuracy']}")
+                   f"{'*' if row['current'] else ' '} {rel.id}  {row['created_at']}  snapshot={row['snapshot_time']}  "
+                   f"prefs={row['preferences']}  report_acc={accuracy}  {status}"
+                   + (f" ({reason})" if status == "rejected" else ""))
     for bad in broken:
         typer.secho(f"error: {' '.join(bad.reason.split())}", fg=typer.colors.RED, err=True)
     if broken:
@@ -341,11 +387,17 @@ def releases_list(registry: RegistryOption = None,
 
 @releases_app.command("rollback")
 def releases_rollback(release_id: Annotated[str, typer.Argument(help="the release to make current")],
-                      registry: RegistryOption = None):
-    """Point CURRENT at another (older) release."""
+                      registry: RegistryOption = None,
+                      force: Annotated[bool, typer.Option("--force", help="also a release the quality gate rejected")] = False):
+    """Point CURRENT at another (older) release; running services swap to it."""
     from copl_common.registry import RegistryError
+    reg = _registry(registry)
     try:
-        _registry(registry).set_current(release_id)
+        status = reg.status(release_id)
+        if status and status["status"] == "rejected" and not force:
+            _fail(f"release {release_id} was rejected by the quality gate ({status['reason']}); --force makes it "
+                  "current anyway")
+        reg.set_current(release_id)
     except RegistryError as exc:
         _fail(str(exc))
     typer.echo(release_id)
@@ -452,9 +504,10 @@ def _demo_in_process(workdir: Path, preset: str, users: int, profile: str, seed:
     typer.secho(f"demo done. Plots: {release.path / 'plots'}", fg=typer.colors.GREEN)
 
 
-from copl_cli import services  # noqa: E402  (serve graph|reward, up: a module of their own)
+from copl_cli import ray_commands, services  # noqa: E402  (serve, up; retrain, jobs, schedule: modules of their own)
 
 services.register(app)
+ray_commands.register(app)
 client_commands.register(app)
 
 

@@ -5,6 +5,8 @@
       releases/<release_id>/gnn/           the GNN checkpoint (graph_service)
       releases/<release_id>/reward/        the reward model trained on that GNN's embeddings
       CURRENT                              the current release id
+      status/<release_id>.json             the quality gate's decision on it (trainer/gate.py): accepted or
+                                           rejected, with the reason; absent for a release nobody judged
 
 A release is staged in a scratch directory inside the registry, fsynced, then renamed into releases/
 (a reader never sees half a release); CURRENT is replaced by writing a temporary file, fsync and rename
@@ -20,7 +22,7 @@ Permissions: directories and files follow the process umask (mkdtemp's 0700 woul
 running as another user on a shared filesystem from reading the release).
 
 Crashed runs leave scratch entries behind: `.staging-HOST-PID-RANDOM` directories and
-`.CURRENT.HOST-PID-RANDOM` files. Every `stage()` first removes those that are stale: made on this host
+`.CURRENT.HOST-PID-RANDOM` / `.status.HOST-PID-RANDOM` files. Every `stage()` first removes those that are stale: made on this host
 by a process that no longer runs, or (any host, any name) unmodified for `STALE_AFTER_S`, 24 hours, far
 longer than a training run leaves its staging directory untouched (entries from other hosts are judged
 by age alone; host names are assumed unique among the machines that share a registry).
@@ -46,7 +48,8 @@ RELEASE_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 GNN_MANIFEST = Path("gnn") / "manifest.json"
 REWARD_MANIFEST = Path("reward") / "manifest.json"
 STALE_AFTER_S = 24 * 3600
-_SCRATCH = re.compile(r"^\.(?:staging-|CURRENT\.)(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]+$")
+_SCRATCH_PREFIXES = (".staging-", ".CURRENT.", ".status.")
+_SCRATCH = re.compile(r"^\.(?:staging-|CURRENT\.|status\.)(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]+$")
 
 
 class RegistryError(RuntimeError):
@@ -185,14 +188,37 @@ class Registry:
 
     def set_current(self, release_id: str) -> Release:
         release = self.get(release_id)
-        tmp = self.root / _scratch_name(".CURRENT.")
+        self._write_atomically(self.pointer, release_id + "\n", ".CURRENT.")
+        return release
+
+    def _write_atomically(self, target: Path, text: str, scratch_prefix: str) -> None:
+        tmp = self.root / _scratch_name(scratch_prefix)
         with open(tmp, "w") as fh:
-            fh.write(release_id + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.pointer)
-        _fsync_dir(self.root)
-        return release
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+
+    @property
+    def status_dir(self) -> Path:
+        return self.root / "status"
+
+    def status(self, release_id: str) -> dict | None:
+        """The recorded decision on a release ({"status": "accepted" | "rejected", "reason": ..., ...}), or None."""
+        try:
+            return json.loads((self.status_dir / f"{release_id}.json").read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise RegistryError(f"{release_id}: status file is unreadable ({exc})") from None
+
+    def set_status(self, release_id: str, status: dict) -> None:
+        """Record a decision on a release (releases themselves are immutable), atomically."""
+        self.get(release_id)
+        self.status_dir.mkdir(exist_ok=True)
+        self._write_atomically(self.status_dir / f"{release_id}.json", json.dumps(status, indent=2, sort_keys=True),
+                               ".status.")
 
     def current_id(self) -> str | None:
         try:
@@ -248,7 +274,7 @@ class Registry:
         host = _host()
         removed = []
         for path in self.root.iterdir():
-            if not path.name.startswith((".staging-", ".CURRENT.")):
+            if not path.name.startswith(_SCRATCH_PREFIXES):
                 continue
             match = _SCRATCH.match(path.name)
             try:

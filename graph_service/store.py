@@ -316,6 +316,12 @@ class PreferenceStore:
         with self.engine.connect() as conn:
             return list(conn.execute(select(t.c.user_id).where(t.c.stored_at > since).distinct()).scalars())
 
+    def preferences_stored_since(self, since: datetime) -> int:
+        """How many preferences the store received after `since` (by the database's clock)."""
+        t = Preference.__table__
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(t).where(t.c.stored_at > since)).scalar_one()
+
     def pair_counts(self, user_ids: Sequence[str]) -> dict[str, int]:
         """Number of stored preferences of each given user (0 for a user with none)."""
         t = Preference.__table__

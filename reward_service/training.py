@@ -166,20 +166,22 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], selection: Sequence[PreferenceExample],
                        cfg: RMTrainConfig, out_dir: str | os.PathLike | None = None,
-                       report: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> dict[str, Any]:
+                       report: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+                       sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None) -> dict[str, Any]:
     """Train in place on `train`; `selection` picks the weights.
 
     Every `eval_every` steps the selection pairs (a fixed random subset of `eval_max_pairs` when there are more)
     are scored; the best-accuracy weights are restored at the end, and training stops after `patience` checks
     without a new best. With no selection pairs it trains `max_steps` and keeps the last weights (metrics say
     so: selection_accuracy None). Writes `reward_training_curve.png` and `history.json` into `out_dir` when
-    given. `report` gets one metrics dict per check (for Ray Train: `lambda m: ray.train.report(m)`).
+    given. `report` gets one metrics dict per check. `sync_gradients` runs after each step's backward passes,
+    before clipping: data-parallel workers average their gradients there (trainer/ray_stages.py).
     """
     _check_examples(model, train, "train")
     if selection:
         _check_examples(model, selection, "selection")
     with seeded(cfg.seed, model.device):  # gate noise and dropout
-        metrics = _train(model, train, selection, cfg, report, progress)
+        metrics = _train(model, train, selection, cfg, report, progress, sync_gradients)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,8 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], s
 
 
 def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Sequence[PreferenceExample],
-           cfg: RMTrainConfig, report: Callable[[dict[str, Any]], None] | None, progress: bool) -> dict[str, Any]:
+           cfg: RMTrainConfig, report: Callable[[dict[str, Any]], None] | None, progress: bool,
+           sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)  # data order
     params = list(model.trainable_parameters().values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -221,6 +224,8 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
             loss = -F.logsigmoid(margins).mean()
             (loss / cfg.grad_accum).backward()
             window_loss, window_n = window_loss + loss.item(), window_n + 1
+        if sync_gradients is not None:
+            sync_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()

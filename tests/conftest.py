@@ -90,3 +90,12 @@ def tiny_release(tmp_path_factory):
             ingest_files(store, [root / "dataset" / "train_unseen.jsonl"], progress=False)
         yield SimpleNamespace(db_url=url, registry=root / "registry", release=release, dataset=dataset,
                               data_dir=root / "dataset")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """ONE private in-process Ray for the whole test run (2 CPUs, its own temp dir, loopback), stopped at the
+    end; trainer code that finds Ray already running uses it and leaves it running (trainer/ray_runtime.py)."""
+    from trainer.ray_runtime import ray_session
+    with ray_session(num_cpus=2):
+        yield

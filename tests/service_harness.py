@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -81,3 +82,10 @@ class Stubs:
 def copy_registry(src: Path, dst: Path) -> Registry:
     shutil.copytree(src, dst)
     return Registry(dst)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

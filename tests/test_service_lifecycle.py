@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from copl.v1 import common_pb2, graph_pb2, reward_pb2
 from copl_common.registry import Registry
 from tests.conftest import PG_ADMIN, new_postgres_database
-from tests.service_harness import AUTH, ServiceLoop, Stubs, copy_registry, copy_release, settings_for
+from tests.service_harness import AUTH, ServiceLoop, Stubs, copy_registry, copy_release, settings_for, wait_for
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -36,13 +36,6 @@ def _error(call, *args, **kwargs) -> grpc.RpcError:
 def _request(tiny_release, i: int = 0) -> reward_pb2.ScoreRequest:
     r = tiny_release.dataset.test[i]
     return reward_pb2.ScoreRequest(user_id=r["user_id"], prompt=r["prompt"], responses=[r["chosen"], r["rejected"]])
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_no_release_then_one_appears_and_database_down(tiny_release, tmp_path):
@@ -73,7 +66,7 @@ def test_no_release_then_one_appears_and_database_down(tiny_release, tmp_path):
             source = tiny_release.release
             shutil.copytree(source.path, registry.releases_dir / source.id)
             registry.set_current(source.id)
-            _wait_for(lambda: _health(g) == SERVING and _health(r) == SERVING, 120, "both services to serve")
+            wait_for(lambda: _health(g) == SERVING and _health(r) == SERVING, 120, "both services to serve")
             assert r.reward.ScoreResponses(_request(tiny_release)).release_id == source.id
 
             with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -116,7 +109,7 @@ def test_hot_swap_under_traffic_refusal_and_rollback(tiny_release, tmp_path):
         clients = [threading.Thread(target=traffic) for _ in range(2)]
         for c in clients:
             c.start()
-        _wait_for(lambda: len(replies) >= 5, 60, "traffic")
+        wait_for(lambda: len(replies) >= 5, 60, "traffic")
 
         # Reload with an explicit id (the pointer poll does not race it): the graph side first, as an operator
         # would; the reward service would otherwise wait for the graph service to serve the release.
@@ -127,9 +120,9 @@ def test_hot_swap_under_traffic_refusal_and_rollback(tiny_release, tmp_path):
         again = g.admin.Reload(common_pb2.ReloadRequest(release_id=second.id), metadata=AUTH)
         assert (again.release_id, again.swapped) == (second.id, False)
         registry.set_current(second.id)   # the pointer follows; the watchers see it and have nothing to do
-        _wait_for(lambda: graph.holder.pointer_seen == reward.holder.pointer_seen == second.id, 30, "the poll")
+        wait_for(lambda: graph.holder.pointer_seen == reward.holder.pointer_seen == second.id, 30, "the poll")
         n_before = len(replies)
-        _wait_for(lambda: len(replies) >= n_before + 5, 60, "traffic after the swap")
+        wait_for(lambda: len(replies) >= n_before + 5, 60, "traffic after the swap")
         running.clear()
         for c in clients:
             c.join(60)
@@ -162,7 +155,7 @@ def test_hot_swap_under_traffic_refusal_and_rollback(tiny_release, tmp_path):
 
         # Rollback: point CURRENT at the first release; both services follow by polling, no Reload.
         registry.set_current(first)
-        _wait_for(lambda: r.reward.ScoreResponses(_request(tiny_release)).release_id == first, 120, "rollback")
+        wait_for(lambda: r.reward.ScoreResponses(_request(tiny_release)).release_id == first, 120, "rollback")
         assert g.graph.GetReleaseInfo(common_pb2.ReleaseInfoRequest()).release_id == first
         assert _metric(reward, "copl_release_swaps_total") == 3
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{reward.server.metrics_port}/metrics").read().decode()
@@ -221,10 +214,10 @@ def test_unreachable_graph_concurrency_limit_and_graceful_shutdown(tiny_release,
         labels = dict(grpc_type="unary", grpc_service="copl.v1.RewardService", grpc_method="ScoreResponses")
         calls = _metric(reward, "grpc_server_started_total", **labels)
         in_flight = r.reward.ScoreResponses.future(long, timeout=60)
-        _wait_for(lambda: _metric(reward, "grpc_server_started_total", **labels) > calls, 30, "the long call to start")
+        wait_for(lambda: _metric(reward, "grpc_server_started_total", **labels) > calls, 30, "the long call to start")
         stopping = asyncio.run_coroutine_threadsafe(reward.stop(), loop.loop)
         loop.services.remove(reward)
-        _wait_for(lambda: _health(r) == NOT_SERVING, 5, "NOT_SERVING during shutdown")
+        wait_for(lambda: _health(r) == NOT_SERVING, 5, "NOT_SERVING during shutdown")
         assert len(in_flight.result().scores) == 64
         stopping.result(60)
         assert _error(r.reward.ScoreResponses, by_embedding, timeout=5).code() == grpc.StatusCode.UNAVAILABLE

@@ -1,8 +1,10 @@
 """Retraining: store snapshot -> GNN -> user embeddings -> reward model -> evaluation -> release.
 
-`train_release` is a plain function: `copl train` calls it in-process and the Ray job entry point
-runs the same function on a cluster. The GNN and the reward model trained on its embedding space
-are published together as one immutable release (copl_common/registry.py).
+`train_release` is the one pipeline. Its two training stages are pluggable (`Stages`): `LOCAL_STAGES` runs them
+in this process (`copl train`); trainer/ray_stages.py runs the GNN as a Ray task and the reward model through
+Ray Train (`copl train --ray`, `copl retrain`). Everything else (snapshot, holdout, evaluation, publishing, the
+quality gate of trainer/gate.py) is the same code either way. The GNN and the reward model trained on its
+embedding space are published together as one immutable release (copl_common/registry.py).
 
 Held-out pairs (graph_service/holdout.py) have no edge in the graph the GNN trains on and are split by
 user into a selection part (early stopping of the GNN and the reward model) and a report part that
@@ -25,21 +27,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from copl_common.checksums import sha256_file
 from copl_common.registry import Registry, Release
-from graph_service.gnn_training import train_gnn
-from graph_service.holdout import holdout_split
+from graph_service.gnn_training import GNNTrainConfig, TrainedGNN, train_gnn
+from graph_service.holdout import Holdout, holdout_split
+from graph_service.snapshot import GraphSnapshot
 from graph_service.store import PreferenceStore
-from reward_service.reward_model import RewardModel
-from reward_service.training import PreferenceExample, evaluate, train_reward_model
-from trainer.profiles import profile as get_profile
+from reward_service.reward_model import RewardModel, RewardModelConfig
+from reward_service.training import PreferenceExample, RMTrainConfig, evaluate, train_reward_model
+from trainer.gate import DEFAULT_MAX_REGRESSION, apply_gate
+from trainer.profiles import Profile, profile as get_profile
+from trainer.run_lock import run_lock
 
 
 @dataclass(frozen=True)
@@ -54,26 +59,94 @@ class TrainRequest:
                                            # unit vector, so the gate sees user identity without collaborative signal
     reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
     device: str | None = None              # reward model device; None: the profile's ("auto")
-    make_current: bool = True
+    make_current: bool = True              # False: publish only (no gate decision, CURRENT untouched)
+    max_regression: float = DEFAULT_MAX_REGRESSION  # quality gate: how much worse than the current release's
+                                           # report_accuracy a release may be and still become current
+    force: bool = False                    # make the release current even if the gate rejects it
     progress: bool = True
 
 
-def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: torch.Tensor | None,
-              triples: torch.Tensor) -> list[PreferenceExample]:
-    """(user embedding, prompt, chosen, rejected) for the given rows of the snapshot."""
-    out = []
-    for row in rows.tolist():
-        prompt, chosen, rejected = texts[row]
-        emb = None if users is None else users[triples[row, 0]]
-        out.append(PreferenceExample(emb, prompt, chosen, rejected))
-    return out
+@dataclass(frozen=True)
+class RewardJob:
+    """The reward-model stage's whole input, small and picklable (Ray ships it to its workers): the texts and
+    the user table once, and rows of the snapshot per part, rather than one example object per pair."""
+    model: RewardModelConfig
+    training: RMTrainConfig
+    texts: Sequence[tuple[str, str, str]]  # (prompt, chosen, rejected) per snapshot row
+    pair_users: torch.Tensor               # (P,) user index per snapshot row
+    users: torch.Tensor | None             # (U, d) training-graph user embeddings; None: non-personalized
+    train_rows: torch.Tensor
+    selection_rows: torch.Tensor
+    report_rows: torch.Tensor
+    manifest_extra: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def examples(self, rows: torch.Tensor) -> list[PreferenceExample]:
+        """(user embedding, prompt, chosen, rejected) for the given rows of the snapshot."""
+        out = []
+        for row in rows.tolist():
+            prompt, chosen, rejected = self.texts[row]
+            emb = None if self.users is None else self.users[self.pair_users[row]]
+            out.append(PreferenceExample(emb, prompt, chosen, rejected))
+        return out
 
 
-def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None) -> Release:
-    """Snapshot -> holdout -> GNN -> reward model -> release. Raises ValueError before any training when the
-    store holds no preferences (up to `request.until`) or a setting is wrong."""
+def run_reward_job(job: RewardJob, out_dir: Path, plots: Path | None,
+                   report: Callable[[dict[str, Any]], None] | None = None,
+                   sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
+                   model_ready: Callable[[RewardModel], None] | None = None) -> dict[str, Any]:
+    """Train the reward model, score the report part once, save the model into `out_dir`; return the reward
+    metrics of the release. The hooks are for data-parallel workers: `model_ready` (e.g. copy rank 0's
+    initial weights), `sync_gradients` (average the gradients)."""
+    model = RewardModel(job.model)
+    if model_ready is not None:
+        model_ready(model)
+    rm_metrics = train_reward_model(model, job.examples(job.train_rows), job.examples(job.selection_rows),
+                                    job.training, out_dir=plots, report=report, progress=job.progress,
+                                    sync_gradients=sync_gradients)
+    held_out = job.examples(job.report_rows)
+    reported = (evaluate(model, held_out, job.training.eval_batch_size) if held_out
+                else {"accuracy": None, "loss": None})
+    model.save(out_dir, manifest_extra=job.manifest_extra)
+    return {**{k: v for k, v in rm_metrics.items() if k != "history"},
+            "report_accuracy": reported["accuracy"], "report_loss": reported["loss"]}
+
+
+class Stages(Protocol):
+    """Where the two training stages run. Both write into the staged release directory they are given."""
+
+    def gnn(self, snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout, plots: Path,
+            progress: bool) -> TrainedGNN: ...
+
+    def reward(self, job: RewardJob, out_dir: Path, plots: Path,
+               report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]: ...
+
+
+class LocalStages:
+    """Both stages in this process."""
+
+    def gnn(self, snapshot, config, holdout, plots, progress):
+        return train_gnn(snapshot, config, holdout=holdout, out_dir=plots, progress=progress)
+
+    def reward(self, job, out_dir, plots, report):
+        return run_reward_job(job, out_dir, plots, report=report)
+
+
+LOCAL_STAGES = LocalStages()
+
+
+def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None,
+                  stages: Stages = LOCAL_STAGES) -> Release:
+    """Snapshot -> holdout -> GNN -> reward model -> release -> quality gate. Raises ValueError before any
+    training when the store holds no preferences (up to `request.until`) or a setting is wrong, and
+    trainer.run_lock.RunInProgress when another run on the same registry is under way.
+
+    With `request.make_current` the release becomes current only if the gate accepts it (or `force`); the
+    decision is recorded in the registry either way (trainer/gate.py)."""
     if request.user_embeddings not in ("gnn", "random"):
         raise ValueError(f"user_embeddings must be 'gnn' or 'random', got {request.user_embeddings!r}")
+    if request.max_regression < 0:
+        raise ValueError(f"max_regression must be >= 0, got {request.max_regression}")
     prof = get_profile(request.profile, device=request.device)
     mole = replace(prof.reward_model.mole, personalized=request.personalized)
     if request.num_experts is not None:
@@ -85,12 +158,19 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
                                warmup_steps=min(rm_train_cfg.warmup_steps, request.reward_max_steps - 1))
     started = time.perf_counter()
     with PreferenceStore(request.db_url) as store:
-        snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here
+        snapshot, texts = store.snapshot_with_texts(request.until)   # an empty store raises here, before the registry
+    with run_lock(request.registry):                                 # is touched
+        return _train_release(request, prof, rm_model_cfg, rm_train_cfg, snapshot, texts, started, report, stages)
+
+
+def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardModelConfig, rm_train_cfg: RMTrainConfig,
+                   snapshot: GraphSnapshot, texts: list[tuple[str, str, str]], started: float,
+                   report: Callable[[dict[str, Any]], None] | None, stages: Stages) -> Release:
     holdout = holdout_split(snapshot.triples, snapshot.num_users, prof.gnn.seed)
     registry = Registry(request.registry)
     with registry.stage() as staged:
         plots = staged / "plots"
-        gnn = train_gnn(snapshot, prof.gnn, holdout=holdout, out_dir=plots, progress=request.progress)
+        gnn = stages.gnn(snapshot, prof.gnn, holdout, plots, request.progress)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users
         if request.user_embeddings == "random":
             noise = torch.randn(users.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
@@ -103,24 +183,19 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
 
         # The reward model trains, early-stops and reports on the training-graph embeddings: held-out users'
         # published (full-graph) embeddings have seen their held-out pairs. Serving uses the published ones.
-        users = users if request.personalized else None
-        train, selection, held_out = (_examples(texts, rows, users, snapshot.triples) for rows in holdout)
-        model = RewardModel(rm_model_cfg)
-        rm_metrics = train_reward_model(model, train, selection, rm_train_cfg, out_dir=plots,
-                                        report=report, progress=request.progress)
-        reported = (evaluate(model, held_out, rm_train_cfg.eval_batch_size) if held_out
-                    else {"accuracy": None, "loss": None})
-        model.save(staged / "reward", manifest_extra={
-            "gnn_checkpoint": {"path": "../gnn", "manifest_sha256": sha256_file(gnn_dir / "manifest.json")},
-        })
+        job = RewardJob(rm_model_cfg, rm_train_cfg, texts, snapshot.triples[:, 0],
+                        users if request.personalized else None, *holdout,
+                        manifest_extra={"gnn_checkpoint": {"path": "../gnn",
+                                                           "manifest_sha256": sha256_file(gnn_dir / "manifest.json")}},
+                        progress=request.progress)
+        reward = stages.reward(job, staged / "reward", plots, report)
         metrics = {
-            "report_accuracy": reported["accuracy"],
-            "report_pairs": len(held_out),
+            "report_accuracy": reward["report_accuracy"],
+            "report_pairs": len(holdout.report),
             "holdout": holdout.counts(snapshot.triples),
             "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
                                                         "best_step", "steps", "train_seconds")},
-            "reward": {**{k: v for k, v in rm_metrics.items() if k != "history"},
-                       "report_accuracy": reported["accuracy"], "report_loss": reported["loss"]},
+            "reward": reward,
             "seconds": time.perf_counter() - started,
         }
         manifest = {
@@ -135,4 +210,8 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
             "metrics": metrics,
         }
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        return registry.publish(staged, manifest, make_current=request.make_current)
+        # Published but not current yet: a crash from here on leaves the previous release current.
+        release = registry.publish(staged, manifest, make_current=False)
+    if request.make_current:
+        apply_gate(registry, release, request.max_regression, force=request.force)
+    return release
