@@ -16,8 +16,10 @@ from pathlib import Path
 import typer
 
 from copl_cli.swap_traffic import Probe, SwapTraffic
-# The training stage: one call. The Ray trainer's entry point takes its place when it lands.
-from trainer.pipeline import train_release as train_stage
+# The training stage: the pipeline of `copl train` with its stages on a private in-process Ray, as `copl train
+# --ray` runs it (one Ray for both trainings: its start-up is paid once).
+from trainer.ray_runtime import ray_session
+from trainer.ray_stages import train_release_on_ray as train_stage
 
 STAGES = 9
 RECORDS_PER_CALL = 2_000            # AddPreferences batches (the service takes up to 10,000)
@@ -81,12 +83,14 @@ def run(workdir: Path, preset: str, users: int, profile: str, seed: int, reward_
         return train_stage(TrainRequest(db_url=url, registry=registry.root, profile=profile, personalized=personalized,
                                         reward_max_steps=reward_steps, make_current=personalized))
 
-    _step(3, f"train: GNN -> user embeddings -> MoLE reward model (profile {profile}) -> release")
-    first = train(personalized=True)
-    _say(f"release {first.id} (current) in {first.path}")
-    _step(4, "train the non-personalized baseline (one LoRA, no user input; published, not made current)")
-    baseline = train(personalized=False)
-    _say(f"release {baseline.id}")
+    with ray_session():
+        _step(3, f"train on an in-process Ray: GNN (Ray task) -> user embeddings -> MoLE reward model (Ray Train) "
+                 f"(profile {profile}) -> release")
+        first = train(personalized=True)
+        _say(f"release {first.id} (current) in {first.path}")
+        _step(4, "train the non-personalized baseline (one LoRA, no user input; published, not made current)")
+        baseline = train(personalized=False)
+        _say(f"release {baseline.id}")
 
     graph_port, reward_port = free_loopback_ports(2)
     settings = ServiceSettings(host="127.0.0.1", graph_port=graph_port, reward_port=reward_port,
