@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,8 +107,17 @@ class RayStages:
             scaling_config=ScalingConfig(num_workers=s.reward_workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": s.reward_cpus_per_worker}),
             run_config=RunConfig(name="reward", storage_path=str(storage)))
+        previous_sigint = signal.getsignal(signal.SIGINT)
         try:
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            finally:
+                # fit() installs a SIGINT handler (abort the run) and leaves it installed: give Ctrl-C back to
+                # the caller (`copl demo` turns it into a clean shutdown of its services)
+                if threading.current_thread() is threading.main_thread():   # the only thread fit() installs it from
+                    signal.signal(signal.SIGINT, previous_sigint)
+            if result.checkpoint is None:   # aborted (Ctrl-C during fit) or failed without raising
+                raise RuntimeError(f"reward-model training on Ray ended without a model: {result.error or 'aborted'}")
             with result.checkpoint.as_directory() as checkpoint:
                 checkpoint = Path(checkpoint)
                 shutil.copytree(checkpoint / "reward", out_dir)
