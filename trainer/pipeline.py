@@ -40,6 +40,7 @@ from graph_service.store import PreferenceStore
 from reward_service.reward_model import RewardModel
 from reward_service.training import PreferenceExample, evaluate, train_reward_model
 from trainer.profiles import profile as get_profile
+from trainer.response_features import response_features
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class TrainRequest:
     personalized: bool = True              # False trains the non-personalized baseline (one LoRA)
     num_experts: int | None = None         # ablation: override the profile's E (e.g. 1)
     user_embeddings: str = "gnn"           # ablation: "random" replaces every trained user embedding by a random
-                                           # unit vector, so the gate sees user identity without collaborative signal
+                                           # unit vector, so the gate sees user identity without collaborative signal;
+                                           # "oracle" by the one-hot of the user's stored group (the true type on
+                                           # synthetic data): the ceiling a perfect user embedding would reach
     reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True
@@ -69,11 +72,30 @@ def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: 
     return out
 
 
+def _response_texts(texts: Sequence[tuple[str, str, str]], triples: torch.Tensor) -> list[str]:
+    """Text of every response index of the snapshot (each one is chosen or rejected in some row)."""
+    by_index: dict[int, str] = {}
+    for (_, chosen, rejected), (_, c, r) in zip(texts, triples.tolist()):
+        by_index[c], by_index[r] = chosen, rejected
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def type_one_hot(groups: Sequence[str | None], dim: int) -> torch.Tensor:
+    """(len(groups), dim) one-hot rows: group g -> column sorted(set(groups)).index(g)."""
+    if not groups or any(g is None for g in groups):
+        raise ValueError("oracle user embeddings need a group label for every user")
+    names = sorted(set(groups))
+    if len(names) > dim:
+        raise ValueError(f"{len(names)} groups do not fit a one-hot of the embedding width {dim}")
+    index = {name: i for i, name in enumerate(names)}
+    return torch.nn.functional.one_hot(torch.tensor([index[g] for g in groups]), dim).float()
+
+
 def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None] | None = None) -> Release:
     """Snapshot -> holdout -> GNN -> reward model -> release. Raises ValueError before any training when the
     store holds no preferences (up to `request.until`) or a setting is wrong."""
-    if request.user_embeddings not in ("gnn", "random"):
-        raise ValueError(f"user_embeddings must be 'gnn' or 'random', got {request.user_embeddings!r}")
+    if request.user_embeddings not in ("gnn", "random", "oracle"):
+        raise ValueError(f"user_embeddings must be 'gnn', 'random' or 'oracle', got {request.user_embeddings!r}")
     prof = get_profile(request.profile, device=request.device)
     mole = replace(prof.reward_model.mole, personalized=request.personalized)
     if request.num_experts is not None:
@@ -90,11 +112,19 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
     registry = Registry(request.registry)
     with registry.stage() as staged:
         plots = staged / "plots"
-        gnn = train_gnn(snapshot, prof.gnn, holdout=holdout, out_dir=plots, progress=request.progress)
+        features = None
+        if prof.gnn.model.content_dim:
+            features = response_features(snapshot.response_ids, _response_texts(texts, snapshot.triples),
+                                         progress=request.progress)
+        gnn = train_gnn(snapshot, prof.gnn, holdout=holdout, out_dir=plots, progress=request.progress,
+                        response_features=features)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users
         if request.user_embeddings == "random":
             noise = torch.randn(users.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
             users = torch.nn.functional.normalize(noise, dim=1)
+            checkpoint = replace(checkpoint, user_embeddings=users)
+        elif request.user_embeddings == "oracle":
+            users = type_one_hot(snapshot.user_groups, users.shape[1])
             checkpoint = replace(checkpoint, user_embeddings=users)
         gnn_dir = checkpoint.save(staged / "gnn")
         if report:
