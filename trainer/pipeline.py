@@ -40,7 +40,7 @@ from graph_service.store import PreferenceStore
 from reward_service.reward_model import RewardModel
 from reward_service.training import PreferenceExample, evaluate, train_reward_model
 from trainer.profiles import profile as get_profile
-from trainer.response_features import response_features
+from trainer.response_features import snapshot_features
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,6 @@ def _examples(texts: Sequence[tuple[str, str, str]], rows: torch.Tensor, users: 
         emb = None if users is None else users[triples[row, 0]]
         out.append(PreferenceExample(emb, prompt, chosen, rejected))
     return out
-
-
-def _response_texts(texts: Sequence[tuple[str, str, str]], triples: torch.Tensor) -> list[str]:
-    """Text of every response index of the snapshot (each one is chosen or rejected in some row)."""
-    by_index: dict[int, str] = {}
-    for (_, chosen, rejected), (_, c, r) in zip(texts, triples.tolist()):
-        by_index[c], by_index[r] = chosen, rejected
-    return [by_index[i] for i in range(len(by_index))]
 
 
 def type_one_hot(groups: Sequence[str | None], dim: int) -> torch.Tensor:
@@ -114,8 +106,7 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
         plots = staged / "plots"
         features = None
         if prof.gnn.model.content_dim:
-            features = response_features(snapshot.response_ids, _response_texts(texts, snapshot.triples),
-                                         progress=request.progress)
+            features = snapshot_features(snapshot, texts, rm_model_cfg.backbone, progress=request.progress)
         gnn = train_gnn(snapshot, prof.gnn, holdout=holdout, out_dir=plots, progress=request.progress,
                         response_features=features)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users

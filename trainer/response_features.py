@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from graph_service.snapshot import GraphSnapshot
 from reward_service.backbone import DEFAULT_BACKBONE, load_backbone
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -55,3 +56,14 @@ def response_features(response_ids: Sequence[str], texts: Sequence[str], backbon
         for i, row in zip(missing, means):
             _CACHE[backbone, response_ids[i]] = row
     return torch.stack([_CACHE[backbone, rid] for rid in response_ids])
+
+
+def snapshot_features(snapshot: GraphSnapshot, texts: Sequence[tuple[str, str, str]],
+                      backbone: str = DEFAULT_BACKBONE, progress: bool = False) -> torch.Tensor:
+    """(R, hidden) features of the snapshot's responses; `texts`: (prompt, chosen, rejected) row for row with
+    snapshot.triples (PreferenceStore.snapshot_with_texts), where every response appears at least once."""
+    by_index: dict[int, str] = {}
+    for (_, chosen, rejected), (_, c, r) in zip(texts, snapshot.triples.tolist()):
+        by_index[c], by_index[r] = chosen, rejected
+    return response_features(snapshot.response_ids, [by_index[i] for i in range(snapshot.num_responses)],
+                             backbone, progress=progress)

@@ -1,0 +1,29 @@
+"""The robustness bench's parts: type separability, gap closed, oracle embeddings, and one small styles regime
+through the real pipeline where CoPL must close most of the gap between the baseline and the oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.pipeline import type_one_hot
+from trainer.robustness import Regime, gap_closed, run_regime, separability
+
+
+def test_separability_by_hand():
+    points = torch.tensor([[0.0, 0.0], [0.2, 0.0], [5.0, 5.0], [5.2, 5.0], [0.1, 0.1]])
+    assert separability(points, ["a", "a", "b", "b", "a"]) == 1.0
+    assert separability(points, ["a", "b", "a", "b", "a"]) < 0.5          # labels that ignore the geometry
+    query = torch.tensor([[4.9, 5.1], [0.0, 0.3]])
+    assert separability(points, ["a", "a", "b", "b", "a"], query, ["b", "a"]) == 1.0
+    assert separability(points, ["a", "a", "b", "b", "a"], query, ["a", "a"]) == 0.5
+
+
+def test_gap_closed_and_oracle_one_hot():
+    assert gap_closed(0.8, 0.6, 1.0) == pytest.approx(0.5)
+    assert gap_closed(0.8, 0.6, 0.61) is None and gap_closed(None, 0.6, 0.9) is None
+    one_hot = type_one_hot(["y", "x", "y"], 4)
+    assert one_hot.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]
+    with pytest.raises(ValueError, match="group label"):
+        type_one_hot(["x", None], 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        type_one_hot(["a", "b", "c"], 2)
