@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.robustness import Regime, run_regime  # noqa: E402
+from trainer.robustness import Regime, run_regime, score_regime, trained_releases  # noqa: E402
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
 # both families. Prompts follow the data size unless set (about 16 users label a training response).
@@ -80,6 +80,10 @@ def main() -> None:
                         help="JSONL of finished regimes, appended to and skipped on a rerun "
                              "(default: a temporary file with --quick, else docs/robustness.jsonl)")
     parser.add_argument("--list", action="store_true", help="print the grid's regime names and exit")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="score the releases already trained under DIR/REGIME (a run stopped after training, "
+                             "its work folder kept with --keep) instead of training again")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(r.name for r in GRID))
@@ -89,8 +93,9 @@ def main() -> None:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         sys.exit(f"error: unknown regime(s) {', '.join(unknown)}; --list shows the grid")
-    with tempfile.TemporaryDirectory(prefix="copl-robustness-") as work:
-        results = args.results or (Path(work) / "results.jsonl" if args.quick else ROOT / "docs" / "robustness.jsonl")
+    with tempfile.TemporaryDirectory(prefix="copl-robustness-") as tmp:
+        work = args.keep or Path(tmp)
+        results = args.results or (Path(tmp) / "results.jsonl" if args.quick else ROOT / "docs" / "robustness.jsonl")
         done = {}
         if results.exists():
             for line in results.read_text().splitlines():
@@ -102,7 +107,11 @@ def main() -> None:
                 print(f"[{i + 1}/{len(names)}] {name}: already in {results}", file=sys.stderr)
                 continue
             print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
-            row = run_regime(by_name[name], Path(work), args.profile)
+            if args.rescore:
+                data = args.rescore / name
+                row = score_regime(by_name[name], data, trained_releases(data), args.profile)
+            else:
+                row = run_regime(by_name[name], work, args.profile)
             done[name, args.profile] = row
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as f:

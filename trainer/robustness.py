@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from copl_common.registry import Registry, Release
 from graph_service.ingest import ingest_files, read_valid_records
 from graph_service.store import PreferenceStore
 from graph_service.user_embeddings import UserEmbeddingResolver
@@ -91,14 +92,32 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
     """Train and score the three variants on one regime; every figure of the robustness table."""
     data = work / regime.name
     regime.write_data(data)
-    test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
-    test = read_valid_records([data / "test.jsonl"])
     url = f"sqlite:///{data / 'store.db'}"
     with PreferenceStore(url) as store:
         ingest_files(store, [data / "train_seen.jsonl"], progress=False)
-        releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
-                                                     make_current=False, progress=progress, **kwargs))
-                    for name, kwargs in VARIANTS.items()}
+    releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
+                                                 make_current=False, progress=progress, **kwargs))
+                for name, kwargs in VARIANTS.items()}
+    return score_regime(regime, data, releases, profile)
+
+
+def trained_releases(data: Path) -> dict[str, Release]:
+    """The three variants' releases already in data/registry (a run stopped after training), by variant."""
+    found = {}
+    for release in Registry(data / "registry").list():
+        ablation = release.manifest["ablation"]["user_embeddings"]
+        found["baseline" if not release.manifest["personalized"] else "oracle" if ablation == "oracle"
+              else "copl"] = release
+    if set(found) != set(VARIANTS):
+        raise ValueError(f"{data}: releases for {sorted(found)} only, need {sorted(VARIANTS)}")
+    return found
+
+
+def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str) -> dict:
+    """Ingest the later users (idempotent) and score the test pairs with each variant's release."""
+    test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
+    test = read_valid_records([data / "test.jsonl"])
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         ingest_files(store, [data / "train_unseen.jsonl"], progress=False)
         scored = {name: evaluate_release(releases[name], test, store, progress=False)
                   for name in ("baseline", "copl")}
