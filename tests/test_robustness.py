@@ -30,9 +30,9 @@ def test_gap_closed_and_oracle_one_hot():
 
 
 @pytest.mark.slow   # three trainings: ~40 minutes on the shared 2 cores where it was measured
-@pytest.mark.xfail(strict=True, reason="issue 8 not met yet: gap closed 0.01 seen / 0.04 unseen measured on this "
-                   "regime with the content-aware GNN (docs/RESULTS.md, Robustness); strict, so a fix that makes "
-                   "it pass lifts the mark")
+@pytest.mark.xfail(strict=True, reason="issue 8 not met at this size yet: gap closed 0.01 seen / 0.04 unseen measured "
+                   "on this regime (docs/RESULTS.md, Robustness; 240 users x 8 pairs close it: 1.31 / 0.92); "
+                   "strict, so a fix that makes it pass lifts the mark")
 def test_small_styles_regime_copl_closes_most_of_the_gap(tmp_path):
     """120 users x 8 pairs, 3 mixed-sign style types, 5% noise, default profile: the oracle is well above the
     baseline, and CoPL closes at least half of that gap for seen and for unseen users (a GNN whose embeddings

