@@ -56,6 +56,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         # ID embeddings: on styles 240 users x 8 pairs type separability 0.81 (IDs) -> 0.89, on uf-p-4 400 users
         # held-out context accuracy 0.975 -> 1.0 (IDs + content: 0.81 and 0.98). Content needs more steps than
         # IDs (150 stopped it at 0.85 on uf-p-4); early stopping ends it at ~90-210. l2 acts on ID embeddings only.
+        # Robustness regime styles 240 x 8: gap closed 1.31 / 0.92 (docs/RESULTS.md). Caution: gnn_quality --quick
+        # (uf-p-4, 300 users) 0.873 / 0.844 against 0.970 / 1.000 with IDs (content_dim=0, id_embeddings=True).
         GNNTrainConfig(model=GNNConfig(dim=64, layers=3, content_dim=384, id_embeddings=False), lr=0.02, l2=1.0,
                        max_steps=400, warmup_steps=5, eval_every=5, patience=6),
         # Top two blocks only, so the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
