@@ -50,6 +50,7 @@ VARIANTS = {
     "random emb": {"user_embeddings": "random"},
 }
 ABLATION_DATASET = ("uf-p-4", False)
+ROBUSTNESS_HEADING = "# Robustness across data regimes"   # docs/RESULTS.md's hand-kept section (bench/robustness.py)
 
 
 def dataset_name(preset: str, avg: bool) -> str:
@@ -168,7 +169,10 @@ def main() -> None:
     out = args.out or (None if args.quick else ROOT / "docs")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "RESULTS.md").write_text(markdown + "\n![accuracy](accuracy.png)\n")
+        results = out / "RESULTS.md"
+        previous = results.read_text() if results.exists() else ""
+        kept = previous[previous.index(ROBUSTNESS_HEADING):] if ROBUSTNESS_HEADING in previous else ""
+        results.write_text(markdown + "\n![accuracy](accuracy.png)\n" + (f"\n{kept}" if kept else ""))
         plot(runs, out / "accuracy.png")
     main_run = next((r for r in runs if r["dataset"] == dataset_name(*ABLATION_DATASET)), runs[0])
     copl, uniform = main_run["results"].get("copl"), main_run["results"].get("uniform")

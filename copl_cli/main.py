@@ -68,20 +68,38 @@ def _store(db: str | None, migrate: bool = True):
 
 @app.command()
 def synth(
-    preset: Annotated[str, typer.Option(help="uf-p-2 (helpfulness, honesty; 8 pairs) or uf-p-4 (4 types; 16 pairs)")] = "uf-p-4",
-    avg: Annotated[bool, typer.Option("--avg", help="AVG mode: context size uniform in 1..2n-1")] = False,
+    family: Annotated[str, typer.Option(help="uf-p (UltraFeedback-P-like presets) or styles (trainer/synth_styles.py)")] = "uf-p",
+    preset: Annotated[str, typer.Option(help="uf-p: uf-p-2 (helpfulness, honesty; 8 pairs) or uf-p-4 (4 types; 16 pairs)")] = "uf-p-4",
+    avg: Annotated[bool, typer.Option("--avg", help="uf-p: AVG mode, context size uniform in 1..2n-1")] = False,
     users: Annotated[int, typer.Option(min=1, help="number of users")] = 1000,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same files)")] = 0,
-    unseen_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="share of users who arrive after training")] = 0.1,
+    unseen_fraction: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.9, help="share of users who arrive after training [default: uf-p 0.1, styles 0.2]")] = None,
     non_controversial_fraction: Annotated[float, typer.Option(
-        min=0.0, max=0.9, help="share of each user's pairs that no two types disagree on (controversial: false)")] = 0.0,
+        min=0.0, max=0.9, help="uf-p: share of each user's pairs that no two types disagree on (controversial: false)")] = 0.0,
+    types: Annotated[int, typer.Option(min=2, help="styles: user types")] = 3,
+    pairs: Annotated[int, typer.Option(min=1, help="styles: context pairs per user")] = 8,
+    prompts: Annotated[Optional[int], typer.Option(min=3, help="styles: prompts, train + test [default: from the data size]")] = None,
+    responses_per_prompt: Annotated[int, typer.Option(min=2, help="styles: responses per prompt")] = 6,
+    noise: Annotated[float, typer.Option(min=0.0, max=0.49, help="styles: probability a context label is flipped")] = 0.05,
+    one_attribute: Annotated[bool, typer.Option("--one-attribute", help="styles: each type weighs one attribute (default: mixed signs and zeros)")] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("data/uf-p-4"),
 ):
-    """Write an UltraFeedback-P-like synthetic dataset (train_seen / train_unseen / test JSONL)."""
-    from trainer.synth import SynthConfig, generate, write
+    """Write a synthetic dataset (train_seen / train_unseen / test JSONL): UltraFeedback-P-like or styles."""
     try:
-        dataset = generate(SynthConfig(preset=preset, avg=avg, users=users, seed=seed, unseen_fraction=unseen_fraction,
-                                       non_controversial_fraction=non_controversial_fraction))
+        if family == "uf-p":
+            from trainer.synth import SynthConfig, generate, write
+            dataset = generate(SynthConfig(preset=preset, avg=avg, users=users, seed=seed,
+                                           unseen_fraction=0.1 if unseen_fraction is None else unseen_fraction,
+                                           non_controversial_fraction=non_controversial_fraction))
+        elif family == "styles":
+            from trainer.synth_styles import StylesConfig, generate, write
+            dataset = generate(StylesConfig(
+                users=users, types=types, pairs_per_user=pairs, prompts=prompts,
+                responses_per_prompt=responses_per_prompt, noise=noise, mixed=not one_attribute, seed=seed,
+                unseen_fraction=0.2 if unseen_fraction is None else unseen_fraction))
+        else:
+            raise ValueError(f"family must be uf-p or styles, got {family!r}")
     except ValueError as exc:
         _fail(str(exc))
     counts = write(dataset, out)
@@ -211,7 +229,7 @@ MaxRegressionOption = Annotated[float, typer.Option(
 def train(
     db: DbOption = None,
     registry: RegistryOption = None,
-    profile: Annotated[str, typer.Option(help="tiny (tests) | small (CPU accuracy runs) | paper (reference sizes, GPU)")] = "small",
+    profile: Annotated[str, typer.Option(help="tiny (tests) | small (CPU accuracy runs) | content (small with the content-aware GNN) | paper (reference sizes, GPU)")] = "small",
     until: Annotated[Optional[datetime], typer.Option(help="train on preferences stored up to this time (UTC)")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="train the non-personalized baseline (one LoRA, no user input)")] = False,
     device: Annotated[Optional[str], typer.Option(help="reward-model device: auto | cpu | cuda (default: auto)")] = None,
@@ -436,7 +454,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store, registry and logs go")] = Path("data/demo"),
     preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-4",
     users: Annotated[int, typer.Option(min=8, help="synthetic users")] = DEMO_USERS,
-    profile: Annotated[str, typer.Option(help="training profile (tiny | small | paper)")] = "tiny",
+    profile: Annotated[str, typer.Option(help="training profile (tiny | small | content | paper)")] = "tiny",
     reward_steps: Annotated[Optional[int], typer.Option(min=2, help="reward-model steps instead of the profile's (smoke runs)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     in_process: Annotated[bool, typer.Option("--in-process", help="no services, no ports: train and evaluate in this process")] = False,

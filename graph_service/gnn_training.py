@@ -28,7 +28,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from copl_common.plots import save_embedding_map, save_training_curve
 from copl_common.seeding import seeded
 from graph_service.embeddings import GNNCheckpoint
-from graph_service.gnn import GNNConfig, SignedAdjacency, SignedGCN, pair_scores
+from graph_service.gnn import GNNConfig, NodeContent, SignedAdjacency, SignedGCN, pair_scores
 from graph_service.holdout import Holdout, holdout_split
 from graph_service.snapshot import GraphSnapshot
 
@@ -78,18 +78,30 @@ class TrainedGNN:
 
 
 def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout | None = None,
-              out_dir: str | Path | None = None, progress: bool = True) -> TrainedGNN:
+              out_dir: str | Path | None = None, progress: bool = True,
+              response_features: torch.Tensor | None = None) -> TrainedGNN:
     """Train on `holdout.train`, early-stop on `holdout.selection`, score `holdout.report` once at the end.
-    Without a holdout, the split of graph_service/holdout.py with this config's seed."""
+    Without a holdout, the split of graph_service/holdout.py with this config's seed. A model with
+    content_dim > 0 needs `response_features` (R, content_dim), row for row with snapshot.response_ids; users'
+    content comes from their training triples here and from all their triples in the published tables."""
     if snapshot.triples.shape[0] == 0:
         raise ValueError("the snapshot has no preferences to train on")
+    if bool(config.model.content_dim) != (response_features is not None):
+        raise ValueError(f"content_dim={config.model.content_dim}: response features must be given exactly when "
+                         "content_dim > 0")
+    if response_features is not None and \
+            tuple(response_features.shape) != (snapshot.num_responses, config.model.content_dim):
+        raise ValueError(f"response features must be ({snapshot.num_responses}, {config.model.content_dim}), "
+                         f"got {tuple(response_features.shape)}")
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+    features = None if response_features is None else response_features.to(device, dtype)
     if holdout is None:
         holdout = holdout_split(snapshot.triples, snapshot.num_users, config.seed)
     train, selection, report = (snapshot.triples[rows].to(device) for rows in holdout)
     train_graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[holdout.train])
     adj = SignedAdjacency.from_edges(train_graph.positive_edges(), train_graph.negative_edges(),
                                      snapshot.num_users, snapshot.num_responses, device, dtype)
+    content = None if features is None else NodeContent.from_triples(features, train, snapshot.num_users)
     with seeded(config.seed, device):   # nn.Module init draws from the global generators
         model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device, dtype)
     embedding_params = [model.user_emb.weight, model.response_emb.weight]
@@ -112,7 +124,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
             order, cursor = torch.randperm(train.shape[0], generator=g).to(device), 0
         u, c, r = train[order[cursor:cursor + batch]].T                      # (B,) each
         cursor += batch
-        users, responses = model(adj)                                         # (U, d), (R, d)
+        users, responses = model(adj, content)                                # (U, d), (R, d)
         # index_select, not users[u]: its backward (index_add) is deterministic on CPU, indexing's is not.
         bpr = -F.logsigmoid(pair_scores(users.index_select(0, u), responses.index_select(0, c),
                                         responses.index_select(0, r))).mean()
@@ -148,11 +160,13 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     else:
         model.load_state_dict(best_state)
     with torch.no_grad():                        # the kept weights on the graph they trained on
-        users, responses = model(adj)
+        users, responses = model(adj, content)
     report_accuracy = _accuracy_loss(users, responses, report)[0] if report.shape[0] else None
     selection_accuracy = best[0] if best_state is not None else None
 
-    checkpoint = _publish(model, snapshot, config, device, dtype, metrics={
+    full_content = (None if features is None
+                    else NodeContent.from_triples(features, snapshot.triples.to(device), snapshot.num_users))
+    checkpoint = _publish(model, snapshot, full_content, config, device, dtype, metrics={
         "selection_accuracy": selection_accuracy, "selection_loss": best[1] if best_state is not None else None,
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
         "train_seconds": seconds, **holdout.counts(snapshot.triples),
@@ -180,14 +194,14 @@ def _accuracy_loss(users: torch.Tensor, responses: torch.Tensor, triples: torch.
     return float((margin > 0).double().mean()), float(-F.logsigmoid(margin).mean())
 
 
-def _publish(model: SignedGCN, snapshot: GraphSnapshot, config: GNNTrainConfig, device, dtype,
-             metrics: dict) -> GNNCheckpoint:
+def _publish(model: SignedGCN, snapshot: GraphSnapshot, content: NodeContent | None, config: GNNTrainConfig,
+             device, dtype, metrics: dict) -> GNNCheckpoint:
     """Propagate the kept weights over the full snapshot and package tables, maps and weights."""
     positive = snapshot.positive_edges()                                     # (2, E+)
     adj = SignedAdjacency.from_edges(positive, snapshot.negative_edges(), snapshot.num_users,
                                      snapshot.num_responses, device, dtype)
     with torch.no_grad():
-        users, responses = model(adj)                                        # (U, d), (R, d)
+        users, responses = model(adj, content)                               # (U, d), (R, d)
     by_response = torch.argsort(positive[1] * snapshot.num_users + positive[0])
     indptr = torch.zeros(snapshot.num_responses + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.bincount(positive[1], minlength=snapshot.num_responses), 0)

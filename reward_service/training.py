@@ -10,7 +10,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,7 +38,10 @@ class RMTrainConfig:
     lr: float = 2e-4  # LoRA-scale learning rate; the backbone is frozen
     weight_decay: float = 0.0  # the adapters are low-rank already
     warmup_steps: int = 20  # linear warm-up, then cosine decay to 0 at max_steps
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps; with `epochs` set, the cap
+    epochs: float | None = None  # size-adaptive length: this many passes over the training pairs, at least
+    # min_steps and at most max_steps (checks and warm-up shrink with it: sized_for); None: max_steps always
+    min_steps: int = 1
     eval_every: int = 50  # optimizer steps between early-stopping checks on the selection pairs
     eval_batch_size: int = 64  # pairs per scoring forward
     eval_max_pairs: int | None = 512  # checks score a fixed random subset of the selection pairs this big (None:
@@ -51,7 +54,7 @@ class RMTrainConfig:
     seed: int = 0  # data order, gate noise and dropout
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience", "min_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.frozen_cache_gb < 0:
@@ -60,6 +63,19 @@ class RMTrainConfig:
             raise ValueError("eval_max_pairs must be >= 1 or None")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0 and warmup_steps >= 0")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError("epochs must be > 0 or None")
+
+    def sized_for(self, train_pairs: int) -> RMTrainConfig:
+        """The config for a training set of this size: with `epochs`, max_steps = epochs over the pairs clamped
+        to [min_steps, max_steps], and about 8 early-stopping checks and a 5% warm-up over it (never more
+        than configured); without, itself."""
+        if self.epochs is None:
+            return self
+        per_epoch = train_pairs / (self.batch_size * self.grad_accum)
+        steps = min(self.max_steps, max(self.min_steps, math.ceil(self.epochs * per_epoch)))
+        return replace(self, max_steps=steps, eval_every=min(self.eval_every, max(1, steps // 8)),
+                       warmup_steps=min(self.warmup_steps, steps // 20), epochs=None)
 
 
 class _PairTexts:
@@ -178,6 +194,7 @@ def train_reward_model(model: RewardModel, train: Sequence[PreferenceExample], s
     before clipping: data-parallel workers average their gradients there (trainer/ray_stages.py).
     """
     _check_examples(model, train, "train")
+    cfg = cfg.sized_for(len(train))
     if selection:
         _check_examples(model, selection, "selection")
     with seeded(cfg.seed, model.device):  # gate noise and dropout

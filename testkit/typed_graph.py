@@ -27,6 +27,7 @@ class TypedGraph:
     unseen_context: list[list[tuple[str, str]]]  # per unseen user: (chosen_id, rejected_id) response hashes
     unseen_types: torch.Tensor                   # (V,) int64
     unseen_test: torch.Tensor                    # (Tu, 3) int64 (unseen position, chosen_idx, rejected_idx)
+    response_attributes: torch.Tensor            # (R, K) float hidden scores: what a response's text would carry
 
 
 def typed_graph(num_users: int, num_unseen: int = 0, num_types: int = 4, pairs_per_user: int = 16,
@@ -82,4 +83,4 @@ def typed_graph(num_users: int, num_unseen: int = 0, num_types: int = 4, pairs_p
         snapshot=snapshot, seen_types=types[:num_users].clone(),
         seen_test=triples[:num_users, pairs_per_user:].reshape(-1, 3).contiguous(),
         unseen_context=[[(ids[c], ids[r]) for c, r in user] for user in context],
-        unseen_types=types[num_users:].clone(), unseen_test=unseen_test)
+        unseen_types=types[num_users:].clone(), unseen_test=unseen_test, response_attributes=attributes)

@@ -146,3 +146,14 @@ def test_the_launcher_names_the_server_extra_when_it_is_missing(monkeypatch, cap
     assert capsys.readouterr().err.splitlines() == [
         "error: the copl command line needs the server extra (missing: no_such_module_anywhere); "
         "install it with: pip install 'copl[server]'"]
+
+
+def test_synth_styles_family_and_a_bad_family(tmp_path):
+    proc = copl("synth", "--family", "styles", "--users", "60", "--pairs", "4", "--types", "4", "--one-attribute",
+                "--out", str(tmp_path / "styles"), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "styles" / "dataset.json").read_text())
+    assert summary["settings"]["pairs_per_user"] == 4 and not summary["settings"]["mixed"]
+    assert json.loads(proc.stdout)["train_seen"] + json.loads(proc.stdout)["train_unseen"] == 60 * 4
+    assert_one_line_error(copl("synth", "--family", "nope", "--out", str(tmp_path / "x"), home=tmp_path),
+                          "family must be uf-p or styles")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from reward_service.mole import MoLEConfig
 from reward_service.reward_model import RewardModel, RewardModelConfig
-from reward_service.training import PreferenceExample, pair_margins, train_reward_model
+from reward_service.training import PreferenceExample, RMTrainConfig, pair_margins, train_reward_model
 from trainer.profiles import profile
 
 D_USER = 16
@@ -243,3 +243,14 @@ def test_training_rejects_mismatched_examples():
     bad = [PreferenceExample(torch.randn(3), "p", "a", "b")]
     with pytest.raises(ValueError, match="user_emb"):
         train_reward_model(model, bad, bad, prof.reward_training, progress=False)
+
+
+def test_reward_training_length_follows_the_data_size():
+    cfg = RMTrainConfig(batch_size=32, epochs=4, min_steps=60, max_steps=400, eval_every=50, warmup_steps=20)
+    small, medium, large = (cfg.sized_for(n) for n in (200, 2_000, 50_000))
+    assert (small.max_steps, medium.max_steps, large.max_steps) == (60, 250, 400)   # floor, 4 epochs, cap
+    assert (small.eval_every, medium.eval_every, large.eval_every) == (7, 31, 50)    # about 8 checks, at most 50
+    assert small.warmup_steps == 3 and large.warmup_steps == 20
+    assert small.epochs is None and RMTrainConfig(max_steps=123).sized_for(10).max_steps == 123
+    with pytest.raises(ValueError, match="epochs"):
+        RMTrainConfig(epochs=0)

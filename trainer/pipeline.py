@@ -45,6 +45,7 @@ from reward_service.training import PreferenceExample, RMTrainConfig, evaluate, 
 from trainer.gate import DEFAULT_MAX_REGRESSION, apply_gate
 from trainer.profiles import Profile, profile as get_profile
 from trainer.run_lock import run_lock
+from trainer.response_features import snapshot_features
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class TrainRequest:
     personalized: bool = True              # False trains the non-personalized baseline (one LoRA)
     num_experts: int | None = None         # ablation: override the profile's E (e.g. 1)
     user_embeddings: str = "gnn"           # ablation: "random" replaces every trained user embedding by a random
-                                           # unit vector, so the gate sees user identity without collaborative signal
+                                           # unit vector, so the gate sees user identity without collaborative signal;
+                                           # "oracle" by the one-hot of the user's stored group (the true type on
+                                           # synthetic data): the ceiling a perfect user embedding would reach
     reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True              # False: publish only (no gate decision, CURRENT untouched)
@@ -91,6 +94,18 @@ class RewardJob:
         return out
 
 
+def type_one_hot(groups: Sequence[str | None], dim: int) -> torch.Tensor:
+    """(len(groups), dim) one-hot rows: group g -> column sorted(set(groups)).index(g)."""
+    if not groups or any(g is None for g in groups):
+        raise ValueError("oracle user embeddings need a group label for every user")
+    names = sorted(set(groups))
+    if len(names) > dim:
+        raise ValueError(f"{len(names)} groups do not fit a one-hot of the embedding width {dim}")
+    index = {name: i for i, name in enumerate(names)}
+    return torch.nn.functional.one_hot(torch.tensor([index[g] for g in groups]), dim).float()
+
+
+
 def run_reward_job(job: RewardJob, out_dir: Path, plots: Path | None,
                    report: Callable[[dict[str, Any]], None] | None = None,
                    sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None = None,
@@ -116,7 +131,7 @@ class Stages(Protocol):
     """Where the two training stages run. Both write into the staged release directory they are given."""
 
     def gnn(self, snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout, plots: Path,
-            progress: bool) -> TrainedGNN: ...
+            progress: bool, response_features: torch.Tensor | None) -> TrainedGNN: ...
 
     def reward(self, job: RewardJob, out_dir: Path, plots: Path,
                report: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]: ...
@@ -125,8 +140,9 @@ class Stages(Protocol):
 class LocalStages:
     """Both stages in this process."""
 
-    def gnn(self, snapshot, config, holdout, plots, progress):
-        return train_gnn(snapshot, config, holdout=holdout, out_dir=plots, progress=progress)
+    def gnn(self, snapshot, config, holdout, plots, progress, response_features):
+        return train_gnn(snapshot, config, holdout=holdout, out_dir=plots, progress=progress,
+                         response_features=response_features)
 
     def reward(self, job, out_dir, plots, report):
         return run_reward_job(job, out_dir, plots, report=report)
@@ -143,8 +159,8 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
 
     With `request.make_current` the release becomes current only if the gate accepts it (or `force`); the
     decision is recorded in the registry either way (trainer/gate.py)."""
-    if request.user_embeddings not in ("gnn", "random"):
-        raise ValueError(f"user_embeddings must be 'gnn' or 'random', got {request.user_embeddings!r}")
+    if request.user_embeddings not in ("gnn", "random", "oracle"):
+        raise ValueError(f"user_embeddings must be 'gnn', 'random' or 'oracle', got {request.user_embeddings!r}")
     if request.max_regression < 0:
         raise ValueError(f"max_regression must be >= 0, got {request.max_regression}")
     prof = get_profile(request.profile, device=request.device)
@@ -170,11 +186,17 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
     registry = Registry(request.registry)
     with registry.stage() as staged:
         plots = staged / "plots"
-        gnn = stages.gnn(snapshot, prof.gnn, holdout, plots, request.progress)
+        features = None
+        if prof.gnn.model.content_dim:
+            features = snapshot_features(snapshot, texts, rm_model_cfg.backbone, progress=request.progress)
+        gnn = stages.gnn(snapshot, prof.gnn, holdout, plots, request.progress, features)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users
         if request.user_embeddings == "random":
             noise = torch.randn(users.shape, generator=torch.Generator().manual_seed(prof.gnn.seed))
             users = torch.nn.functional.normalize(noise, dim=1)
+            checkpoint = replace(checkpoint, user_embeddings=users)
+        elif request.user_embeddings == "oracle":
+            users = type_one_hot(snapshot.user_groups, users.shape[1])
             checkpoint = replace(checkpoint, user_embeddings=users)
         gnn_dir = checkpoint.save(staged / "gnn")
         if report:

@@ -7,6 +7,8 @@ Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measureme
          took 24 s on a quiet machine.
   small  accuracy runs on CPU: 1,000 users of uf-p-4 train in 3-3.6 minutes (`copl demo --preset uf-p-4
          --users 1000 --profile small`; bench/accuracy.py's "train s" column, docs/RESULTS.md).
+  content  `small` with the content-aware GNN (response text features at layer 0, no ID embeddings): better on
+         the styles family's sparse regimes, worse on uf-p-4 so far (README, bench/robustness.py).
   paper  the paper's reference sizes (GNN 4 x 512; MoLE E=8, k=1, r=8, alpha=16 on every block), for a GPU.
 """
 from __future__ import annotations
@@ -39,6 +41,17 @@ def _profile(name: str, gnn: GNNTrainConfig, reward_model: RewardModelConfig,
 # are linearly readable at block 4 but much less so after block 6 (probe), so the top blocks need room to keep them.
 _TARGETS = ("query", "value", "output.dense")
 
+# The reward model of `small` (and `content`). Top two blocks only, so the frozen bottom blocks run once per
+# distinct text (training.py, _PairTexts).
+_SMALL_RM = RewardModelConfig(max_length=96, mole=MoLEConfig(target_modules=_TARGETS, last_n_layers=2))
+# lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over three
+# seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.913 at 5e-4; 500 steps at 1e-3 gave 0.957. patience 5 of 8 checks: an
+# earlier run stopped on a dip of the 512-pair check subset while its train loss still fell; the best checkpoint
+# is restored either way. Length follows the data size: 4 epochs over the training pairs, 100 to 400 steps
+# (uf-p-4 at 1,000 users is capped, so exactly as before; a 120-user dataset gets 100 steps, not 400 fixed).
+_SMALL_RM_TRAINING = RMTrainConfig(batch_size=32, epochs=4, min_steps=100, max_steps=400, warmup_steps=20,
+                                   eval_every=50, lr=1e-3, patience=5)
+
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     _profile(
         "tiny",
@@ -55,13 +68,20 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy).
         GNNTrainConfig(model=GNNConfig(dim=64, layers=3), lr=0.02, l2=1.0, max_steps=150, warmup_steps=5,
                        eval_every=5, patience=6),
-        # Top two blocks only, so the frozen bottom blocks run once per distinct text (training.py, _PairTexts).
-        RewardModelConfig(max_length=96, mole=MoLEConfig(target_modules=_TARGETS, last_n_layers=2)),
-        # lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over
-        # three seeds at 2e-3 but 0.915/0.929 at 1e-3 and 0.913 at 5e-4; 500 steps at 1e-3 gave 0.957.
-        # patience 5 of 8 checks: an earlier run stopped on a dip of the 512-pair check subset while its train
-        # loss still fell; the best checkpoint is restored either way.
-        RMTrainConfig(batch_size=32, max_steps=400, warmup_steps=20, eval_every=50, lr=1e-3, patience=5),
+        _SMALL_RM, _SMALL_RM_TRAINING,
+    ),
+    _profile(
+        "content",
+        # `small` with the content-aware GNN (issue 8, not yet the default). Layer 0 is the nodes'
+        # content (the backbone's mean sentence embedding of a response; a user's mean chosen-minus-rejected), no
+        # ID embeddings: on styles 240 users x 8 pairs type separability 0.81 (IDs) -> 0.89, on uf-p-4 400 users
+        # held-out context accuracy 0.975 -> 1.0 (IDs + content: 0.81 and 0.98). Content needs more steps than
+        # IDs (150 stopped it at 0.85 on uf-p-4); early stopping ends it at ~90-210. l2 acts on ID embeddings only.
+        # Robustness regime styles 240 x 8: gap closed 1.31 / 0.92 (docs/RESULTS.md). Caution: gnn_quality --quick
+        # (uf-p-4, 300 users) 0.873 / 0.844 against 0.970 / 1.000 with IDs (content_dim=0, id_embeddings=True).
+        GNNTrainConfig(model=GNNConfig(dim=64, layers=3, content_dim=384, id_embeddings=False), lr=0.02, l2=1.0,
+                       max_steps=400, warmup_steps=5, eval_every=5, patience=6),
+        _SMALL_RM, _SMALL_RM_TRAINING,
     ),
     _profile(
         "paper",

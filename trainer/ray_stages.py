@@ -92,10 +92,11 @@ class RayStages:
     def __init__(self, settings: RaySettings = RaySettings()):
         self.settings = settings
 
-    def gnn(self, snapshot, config, holdout, plots, progress):
+    def gnn(self, snapshot, config, holdout, plots, progress, response_features):
         import ray
         task = ray.remote(train_gnn).options(num_cpus=self.settings.gnn_num_cpus, max_retries=0)
-        return ray.get(task.remote(snapshot, config, holdout=holdout, out_dir=str(plots), progress=progress))
+        return ray.get(task.remote(snapshot, config, holdout=holdout, out_dir=str(plots), progress=progress,
+                                   response_features=response_features))
 
     def reward(self, job: RewardJob, out_dir: Path, plots: Path, report) -> dict[str, Any]:
         from ray.train import RunConfig, ScalingConfig

@@ -451,16 +451,21 @@ def _counts(dataset: SynthDataset) -> dict:
     }
 
 
+def write_splits(splits: dict[str, list[dict]], out: Path) -> None:
+    """One compact JSON line per record into out/SPLIT_FILES[split] (created or overwritten)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, filename in SPLIT_FILES.items():
+        lines = [json.dumps(rec, separators=(",", ":")) for rec in splits[split]]
+        (out / filename).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 def write(dataset: SynthDataset, out_dir: str | Path) -> dict:
     """Write the DESIGN.md dataset layout plus dataset.json into out_dir; return the counts.
 
     Existing files of the same names are overwritten; the output is byte-identical for a config.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for split, filename in SPLIT_FILES.items():
-        lines = [json.dumps(rec, separators=(",", ":")) for rec in getattr(dataset, split)]
-        (out / filename).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write_splits({split: getattr(dataset, split) for split in SPLIT_FILES}, out)
     counts = _counts(dataset)
     config = dataset.config
     train = dataset.train_seen + dataset.train_unseen

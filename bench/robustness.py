@@ -1,0 +1,133 @@
+"""Personalization across data regimes: baseline, CoPL and the oracle ceiling, seen and unseen users.
+
+For each regime of the grid (trainer/robustness.py has the method): synth -> ingest -> three releases through
+the real pipeline (non-personalized baseline, CoPL, oracle = the reward model trained with the true type as
+the embedding) -> test pairs on held-out prompts. The headline per regime is the gap closed,
+(CoPL - baseline) / (oracle - baseline), for seen users and for users who arrived after training (adapted,
+no training); beside it the GNN's held-out context accuracy and how well its user embeddings separate the
+true types (leave-one-out nearest centroid).
+
+Resumable: one JSON line per finished regime is appended to --results; a regime already there (same name
+and profile) is skipped, so an interrupted grid continues where it stopped.
+
+    .venv/bin/python bench/robustness.py --quick                  # one small styles regime (~2 minutes on 1 core)
+    .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
+    .venv/bin/python bench/robustness.py                          # the whole grid (hours on CPU)
+Last line: one JSON object with the per-regime figures, min_gap_closed_seen and min_gap_closed_unseen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from trainer.robustness import Regime, run_regime, score_regime, trained_releases  # noqa: E402
+
+# users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
+# both families. Prompts follow the data size unless set (about 16 users label a training response).
+GRID = [
+    Regime("styles-120x8", users=120, pairs=8),
+    Regime("styles-240x8", users=240, pairs=8),
+    Regime("styles-240x4", users=240, pairs=4),
+    Regime("styles-240x16", users=240, pairs=16),
+    Regime("styles-240x8-noise0", users=240, pairs=8, noise=0.0),
+    Regime("styles-240x8-noise10", users=240, pairs=8, noise=0.10),
+    Regime("styles-240x8-one-attr", users=240, pairs=8, types=4, mixed=False),
+    Regime("styles-240x8-5types", users=240, pairs=8, types=5),
+    Regime("styles-100x8-p30", users=100, pairs=8, prompts=30),
+    Regime("styles-1000x8", users=1000, pairs=8),
+    Regime("styles-1000x4-p300", users=1000, pairs=4, prompts=300),
+    Regime("uf-p-2-200", family="uf-p", preset="uf-p-2", users=200),
+    Regime("uf-p-4-400", family="uf-p", preset="uf-p-4", users=400),
+]
+QUICK = "styles-120x8"
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| regime | users x pairs | noise | bound | baseline s/u | CoPL s/u | oracle s/u | gap closed s/u "
+            "| GNN held-out | separability s/u | RM steps b/c/o |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        g = r["regime"]
+        pairs = "uf-p" if g["family"] == "uf-p" else g["pairs"]
+        su = lambda v: f"{fmt(r[v]['seen'])} / {fmt(r[v]['unseen'])}"  # noqa: E731
+        lines.append(f"| {g['name']} | {g['users']} x {pairs} | {g['noise'] if g['family'] == 'styles' else 0} "
+                     f"| {fmt(r['majority_bound'])} | {su('baseline')} | {su('copl')} | {su('oracle')} "
+                     f"| {fmt(r['gap_closed_seen'])} / {fmt(r['gap_closed_unseen'])} | {fmt(r['gnn_report_accuracy'])} "
+                     f"| {fmt(r['separability_seen'])} / {fmt(r['separability_unseen'])} "
+                     f"| {'/'.join(str(r['reward_steps'][v]) for v in ('baseline', 'copl', 'oracle'))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    parser.add_argument("--regimes", default=None, help="comma-separated regime names (default: the whole grid)")
+    parser.add_argument("--profile", default="small")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSONL of finished regimes, appended to and skipped on a rerun "
+                             "(default: a temporary file with --quick, else docs/robustness.jsonl)")
+    parser.add_argument("--list", action="store_true", help="print the grid's regime names and exit")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="score the releases already trained under DIR/REGIME (a run stopped after training, "
+                             "its work folder kept with --keep) instead of training again")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(r.name for r in GRID))
+        return
+    by_name = {r.name: r for r in GRID}
+    names = [QUICK] if args.quick else (args.regimes.split(",") if args.regimes else list(by_name))
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        sys.exit(f"error: unknown regime(s) {', '.join(unknown)}; --list shows the grid")
+    with tempfile.TemporaryDirectory(prefix="copl-robustness-") as tmp:
+        work = args.keep or Path(tmp)
+        results = args.results or (Path(tmp) / "results.jsonl" if args.quick else ROOT / "docs" / "robustness.jsonl")
+        done = {}
+        if results.exists():
+            for line in results.read_text().splitlines():
+                row = json.loads(line)
+                done[row["regime"]["name"], row["profile"]] = row
+        start = time.perf_counter()
+        for i, name in enumerate(names):
+            if (name, args.profile) in done:
+                print(f"[{i + 1}/{len(names)}] {name}: already in {results}", file=sys.stderr)
+                continue
+            print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+            if args.rescore:
+                data = args.rescore / name
+                row = score_regime(by_name[name], data, trained_releases(data), args.profile)
+            else:
+                row = run_regime(by_name[name], work, args.profile)
+            done[name, args.profile] = row
+            results.parent.mkdir(parents=True, exist_ok=True)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"[{i + 1}/{len(names)}] {name}: gap closed {fmt(row['gap_closed_seen'])} seen, "
+                  f"{fmt(row['gap_closed_unseen'])} unseen", file=sys.stderr, flush=True)
+    rows = [done[n, args.profile] for n in names]
+    print(f"profile {args.profile}; s/u = seen / unseen users; bound = majority bound of the test pairs; "
+          f"{time.perf_counter() - start:.0f} s this run")
+    print(table(rows))
+    gaps = {part: [r[f"gap_closed_{part}"] for r in rows if r[f"gap_closed_{part}"] is not None]
+            for part in ("seen", "unseen")}
+    print(json.dumps({"profile": args.profile, "regimes": rows,
+                      "min_gap_closed_seen": min(gaps["seen"], default=None),
+                      "min_gap_closed_unseen": min(gaps["unseen"], default=None)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""One data regime, end to end: how much of the personalization gap CoPL closes.
+
+A regime is a synthetic dataset (the uf-p presets or the styles family) of a given size. `run_regime`
+writes it, ingests the seen users into a fresh SQLite store and trains three releases through the real
+pipeline (trainer.pipeline.train_release, default profile unless told):
+
+  baseline  the non-personalized reward model (one LoRA, no user input)
+  copl      the GNN's user embeddings gating the MoLE reward model
+  oracle    the same reward model trained with the TRUE type (one-hot of the stored group) as the embedding
+
+then ingests the later users and scores the test pairs (held-out prompts). Baseline and CoPL are scored by
+trainer.evaluate.evaluate_release (seen: trained embedding, unseen: adapted from their context pairs, as in
+serving); the oracle is given every test user's true type. gap closed = (copl - baseline) / (oracle -
+baseline), per seen and unseen users. The GNN's own figures: its held-out context accuracy (report part) and
+type separability, the leave-one-out nearest-centroid accuracy of the user embeddings against the true type
+(unseen: their adapted embeddings against the seen users' type centroids).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from copl_common.registry import Registry, Release
+from graph_service.ingest import ingest_files, read_valid_records
+from graph_service.store import PreferenceStore
+from graph_service.user_embeddings import UserEmbeddingResolver
+from reward_service.training import PreferenceExample, pair_margins
+from trainer import synth, synth_styles
+from trainer.evaluate import evaluate_release, load_release_parts
+from trainer.pipeline import TrainRequest, train_release, type_one_hot
+
+VARIANTS = {"baseline": {"personalized": False}, "copl": {}, "oracle": {"user_embeddings": "oracle"}}
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    family: str = "styles"          # "styles" or "uf-p"
+    users: int = 240
+    pairs: int = 8                  # styles: context pairs per user (uf-p: fixed by the preset)
+    noise: float = 0.05             # styles only
+    types: int = 3                  # styles only
+    mixed: bool = True              # styles only: mixed-sign types (False: one attribute per type)
+    prompts: int | None = None      # styles only; None: from the data size
+    preset: str = "uf-p-2"          # uf-p only
+    seed: int = 0
+
+    def write_data(self, out: Path) -> None:
+        if self.family == "styles":
+            synth_styles.write(synth_styles.generate(synth_styles.StylesConfig(
+                users=self.users, types=self.types, pairs_per_user=self.pairs, noise=self.noise, mixed=self.mixed,
+                prompts=self.prompts, seed=self.seed)), out)
+        elif self.family == "uf-p":
+            synth.write(synth.generate(synth.SynthConfig(preset=self.preset, users=self.users, seed=self.seed,
+                                                         unseen_fraction=0.2)), out)
+        else:
+            raise ValueError(f"family must be styles or uf-p, got {self.family!r}")
+
+
+def separability(embeddings: torch.Tensor, types: list[str], query: torch.Tensor | None = None,
+                 query_types: list[str] | None = None) -> float:
+    """Nearest-centroid accuracy of the types: leave-one-out over `embeddings` (U, d), or, given a query,
+    the query rows against the centroids of all of `embeddings`."""
+    names = sorted(set(types))
+    label = torch.tensor([names.index(t) for t in types])
+    sums = torch.zeros(len(names), embeddings.shape[1]).index_add_(0, label, embeddings.float())   # (T, d)
+    counts = torch.bincount(label, minlength=len(names)).float()                                    # (T,)
+    if query is None:
+        # per row: centroids of every type, its own type's without the row itself
+        centroids = (sums / counts[:, None]).expand(len(label), -1, -1).clone()                     # (U, T, d)
+        own = torch.arange(len(label))
+        centroids[own, label] = (sums[label] - embeddings) / (counts[label] - 1).clamp(min=1)[:, None]
+        points, truth = embeddings.float(), label
+    else:
+        centroids = (sums / counts[:, None]).expand(len(query), -1, -1)
+        points, truth = query.float(), torch.tensor([names.index(t) for t in query_types])
+    predicted = (centroids - points[:, None, :]).norm(dim=2).argmin(dim=1)
+    return float((predicted == truth).float().mean())
+
+
+def gap_closed(copl: float | None, baseline: float | None, oracle: float | None, min_gap: float = 0.02) -> float | None:
+    """(copl - baseline) / (oracle - baseline); None when the oracle is not min_gap above the baseline."""
+    if None in (copl, baseline, oracle) or oracle - baseline < min_gap:
+        return None
+    return (copl - baseline) / (oracle - baseline)
+
+
+def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False) -> dict:
+    """Train and score the three variants on one regime; every figure of the robustness table."""
+    data = work / regime.name
+    regime.write_data(data)
+    url = f"sqlite:///{data / 'store.db'}"
+    with PreferenceStore(url) as store:
+        ingest_files(store, [data / "train_seen.jsonl"], progress=False)
+    releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
+                                                 make_current=False, progress=progress, **kwargs))
+                for name, kwargs in VARIANTS.items()}
+    return score_regime(regime, data, releases, profile)
+
+
+def trained_releases(data: Path) -> dict[str, Release]:
+    """The three variants' releases already in data/registry (a run stopped after training), by variant."""
+    found = {}
+    for release in Registry(data / "registry").list():
+        ablation = release.manifest["ablation"]["user_embeddings"]
+        found["baseline" if not release.manifest["personalized"] else "oracle" if ablation == "oracle"
+              else "copl"] = release
+    if set(found) != set(VARIANTS):
+        raise ValueError(f"{data}: releases for {sorted(found)} only, need {sorted(VARIANTS)}")
+    return found
+
+
+def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str) -> dict:
+    """Ingest the later users (idempotent) and score the test pairs with each variant's release."""
+    test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
+    test = read_valid_records([data / "test.jsonl"])
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+        ingest_files(store, [data / "train_unseen.jsonl"], progress=False)
+        scored = {name: evaluate_release(releases[name], test, store, progress=False)
+                  for name in ("baseline", "copl")}
+        scored["oracle"] = _oracle_scores(releases["oracle"], test_rows, data / "train_seen.jsonl")
+        checkpoint, _ = load_release_parts(releases["copl"])
+        group_of = {r["user_id"]: r["group"] for r in test_rows}
+        unseen_ids = sorted({r["user_id"] for r in map(json.loads, open(data / "train_unseen.jsonl"))})
+        adapted = UserEmbeddingResolver(checkpoint, store).resolve(unseen_ids).embeddings if unseen_ids else None
+    seen_types = [group_of[u] for u in checkpoint.user_ids]
+    gnn = releases["copl"].manifest["metrics"]["gnn"]
+    figures = {v: {"seen": scored[v]["seen"]["accuracy"], "unseen": scored[v]["unseen"]["accuracy"]}
+               for v in VARIANTS}
+    return {
+        "regime": asdict(regime), "profile": profile,
+        "majority_bound": synth.majority_bound(test_rows),
+        **figures,
+        "gap_closed_seen": gap_closed(*(figures[v]["seen"] for v in ("copl", "baseline", "oracle"))),
+        "gap_closed_unseen": gap_closed(*(figures[v]["unseen"] for v in ("copl", "baseline", "oracle"))),
+        "gnn_report_accuracy": gnn["report_accuracy"],
+        "separability_seen": separability(checkpoint.user_embeddings, seen_types),
+        "separability_unseen": (separability(checkpoint.user_embeddings, seen_types, adapted,
+                                             [group_of[u] for u in unseen_ids]) if adapted is not None else None),
+        "reward_steps": {v: releases[v].manifest["metrics"]["reward"]["steps"] for v in VARIANTS},
+        "train_seconds": {v: round(releases[v].manifest["metrics"]["seconds"], 1) for v in VARIANTS},
+    }
+
+
+def _oracle_scores(release, test_rows: list[dict], seen_file: Path) -> dict:
+    """Seen / unseen accuracy of the oracle release, every test user embedded by their true type."""
+    _, model = load_release_parts(release)
+    groups = sorted({r["group"] for r in test_rows})
+    one_hot = dict(zip(groups, type_one_hot(groups, model.cfg.mole.user_dim)))
+    margins = pair_margins(model, [PreferenceExample(one_hot[r["group"]], r["prompt"], r["chosen"], r["rejected"])
+                                   for r in test_rows], progress=False)
+    seen_users = {json.loads(line)["user_id"] for line in open(seen_file)}
+    out = {}
+    for part, want in (("seen", True), ("unseen", False)):
+        rows = [i for i, r in enumerate(test_rows) if (r["user_id"] in seen_users) == want]
+        out[part] = {"accuracy": float((margins[rows] > 0).float().mean()) if rows else None}
+    return out
