@@ -287,3 +287,22 @@ def test_two_reward_workers_train_data_parallel(ray_local, tmp_path):
     reward = release.manifest["metrics"]["reward"]
     assert reward["steps"] == 6 and reward["selection_pairs"] > 0 and reward["report_accuracy"] is not None
     assert Registry(tmp_path / "registry").current_id() == release.id
+
+
+def test_private_ray_listens_on_loopback_only(ray_local):
+    """Ray maps a node IP of 127.0.0.1 to the machine's address and listens there (and on 0.0.0.0), with
+    authentication off: the private instance must stay on loopback (trainer/ray_runtime.py)."""
+    import psutil
+    import ray
+
+    @ray.remote
+    def ready() -> int:
+        return 1
+
+    assert ray.get(ready.remote()) == 1 and ray.util.get_node_ip_address() == "127.0.0.1"
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "found none of the private Ray's listening sockets"
+    wide = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening
+            if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert wide == [], wide

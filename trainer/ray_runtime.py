@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 DEFAULT_AUTH_MODE = "disabled"
 LOOPBACK = "127.0.0.1"
+# Ray turns a node IP of 127.0.0.1 into the machine's address (services.resolve_ip_for_localhost) and then
+# listens there: the only switch that keeps a single-node Ray on loopback is its "no cluster" mode, which Ray
+# reads once, when it is imported.
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def ensure_auth_mode() -> str:
@@ -42,6 +47,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
                 object_store_bytes: int = 256 * 2**20) -> Iterator[None]:
     """Ray for the block: connected to `address`, or a private in-process instance with `num_cpus` CPUs."""
     ensure_auth_mode()
+    if not address and "ray" not in sys.modules:
+        os.environ[_SINGLE_NODE_ENV] = "0"
     import ray
     if ray.is_initialized():
         yield
@@ -60,6 +67,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
                  _temp_dir=temp_dir, _node_ip_address=LOOPBACK, object_store_memory=object_store_bytes,
                  log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "trainer.ray_runtime.quiet_state_api_warnings"})
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != LOOPBACK:   # ray was imported before this session could keep it on loopback
+            ray.shutdown()
+            raise RuntimeError(f"the private Ray would listen on {node_ip}, not {LOOPBACK}: start it before "
+                               "anything imports ray, or pass --ray-address")
         try:
             yield
         finally:
