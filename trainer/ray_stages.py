@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import threading
 import tempfile
 from dataclasses import dataclass, replace
@@ -86,6 +85,28 @@ def _reward_worker(config: dict[str, Any]) -> None:
         ray.train.report({"report_accuracy": metrics["report_accuracy"]}, checkpoint=checkpoint)
 
 
+def _fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread. Called from the main thread, fit() installs a SIGINT handler that
+    aborts the run and then exits the process with status 0 (or returns as if nothing happened) and leaves
+    that handler installed; in a helper thread it installs none, so Ctrl-C stays a KeyboardInterrupt here
+    (`copl demo` turns it into a clean shutdown, and ray_session's shutdown stops the run's workers)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:   # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)   # a timed join lets the main thread take KeyboardInterrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 class RayStages:
     """`trainer.pipeline.Stages` on the connected Ray (trainer/ray_runtime.py)."""
 
@@ -108,16 +129,9 @@ class RayStages:
             scaling_config=ScalingConfig(num_workers=s.reward_workers, use_gpu=s.use_gpu,
                                          resources_per_worker={"CPU": s.reward_cpus_per_worker}),
             run_config=RunConfig(name="reward", storage_path=str(storage)))
-        previous_sigint = signal.getsignal(signal.SIGINT)
         try:
-            try:
-                result = trainer.fit()
-            finally:
-                # fit() installs a SIGINT handler (abort the run) and leaves it installed: give Ctrl-C back to
-                # the caller (`copl demo` turns it into a clean shutdown of its services)
-                if threading.current_thread() is threading.main_thread():   # the only thread fit() installs it from
-                    signal.signal(signal.SIGINT, previous_sigint)
-            if result.checkpoint is None:   # aborted (Ctrl-C during fit) or failed without raising
+            result = _fit_interruptibly(trainer)
+            if result.checkpoint is None:   # the run failed without raising
                 raise RuntimeError(f"reward-model training on Ray ended without a model: {result.error or 'aborted'}")
             with result.checkpoint.as_directory() as checkpoint:
                 checkpoint = Path(checkpoint)
