@@ -16,6 +16,7 @@ import pytest
 from trainer.synth import majority_bound
 
 COPL = [sys.executable, "-m", "copl_cli.main"]
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
 PIDS = re.compile(r"graph service pid (\d+) on .*, reward service pid (\d+) on ")
 SWAP_LINE = re.compile(r"^\s*(\d+) requests, (\d+) failed, (\d+) mixed releases$", re.M)
 
@@ -137,5 +138,8 @@ def test_ctrl_c_mid_demo_stops_everything_and_exits_130(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err[-3000:]
-    assert "interrupted" in err and "Traceback" not in err
+    # Ray's own processes may log tracebacks they recover from (e.g. a resource request that timed out on busy
+    # cores), relayed with a "(ActorName pid=N)" prefix; none may come from the demo itself.
+    ours = "\n".join(line for line in err.splitlines() if not RAY_WORKER_LINE.match(line))
+    assert "interrupted" in err and "Traceback" not in ours, ours[-3000:]
     assert pids and not any(_alive(pid) for pid in pids), "a service outlived the demo"
