@@ -423,6 +423,9 @@ def releases_rollback(release_id: Annotated[str, typer.Argument(help="the releas
 
 DEMO_MARKER = ".copl-demo"
 DEMO_USERS = 200   # `make demo` in a few minutes on 2 cores (README "Quick start")
+# tiny's own 40 reward-model steps are a smoke test's: on uf-p-4 (four user types) they learn one type and stay
+# below the majority bound; 300 learn three of the four (README, Quick start) in about 6 minutes of demo.
+DEMO_TINY_REWARD_STEPS = 300
 DEMO_ENTRIES = ("dataset", "registry", "copl.db", "copl.db-wal", "copl.db-shm", "logs", "write-token")  # what a demo writes
 
 
@@ -455,7 +458,8 @@ def demo(
     preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-4",
     users: Annotated[int, typer.Option(min=8, help="synthetic users")] = DEMO_USERS,
     profile: Annotated[str, typer.Option(help="training profile (tiny | small | content | paper)")] = "tiny",
-    reward_steps: Annotated[Optional[int], typer.Option(min=2, help="reward-model steps instead of the profile's (smoke runs)")] = None,
+    reward_steps: Annotated[Optional[int], typer.Option(min=2, help="reward-model steps instead of the profile's "
+                                                      f"(default: {DEMO_TINY_REWARD_STEPS} with the tiny profile)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     in_process: Annotated[bool, typer.Option("--in-process", help="no services, no ports: train and evaluate in this process")] = False,
 ):
@@ -468,6 +472,8 @@ def demo(
         SynthConfig(preset=preset, users=users, seed=seed)
     except ValueError as exc:
         _fail(str(exc))
+    if reward_steps is None and profile == "tiny":
+        reward_steps = DEMO_TINY_REWARD_STEPS
     _demo_workdir(workdir)  # a demo starts from nothing, so each run shows the same path
     signal.signal(signal.SIGTERM, _interrupt)   # `kill` and `timeout` stop it as Ctrl-C does: children first
     try:
