@@ -39,10 +39,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
-from copl_cli.services import free_loopback_ports  # noqa: E402
+from copl_cli.services import free_loopback_ports, is_serving  # noqa: E402
 from testkit.services import prepare_release  # noqa: E402
 
 
@@ -56,18 +55,10 @@ def start_services(url: str, registry: Path, workdir: Path, torch_threads: int) 
                              "--graph-metrics-port", "-1", "--reward-metrics-port", "-1"], env=env, cwd=ROOT)
     deadline = time.monotonic() + 300
     for port in (graph_port, reward_port):
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the services did not start")
-                time.sleep(0.3)
+        while not is_serving(f"127.0.0.1:{port}"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the services did not start")
+            time.sleep(0.3)
     return proc, graph_port, reward_port, token
 
 

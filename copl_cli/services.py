@@ -100,6 +100,18 @@ def free_loopback_ports(n: int) -> list[int]:
     return ports
 
 
+def is_serving(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the server at HOST:PORT (plaintext) answers the standard gRPC health check with SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class ServiceProcesses:
     """The graph and reward services as two child processes of this one, with exactly `settings` (resolved
     here and handed down as COPL_* variables): what `copl up` runs, and `copl demo` and bench/hotswap.py start.
@@ -146,8 +158,6 @@ class ServiceProcesses:
 
     def wait_serving(self, timeout_s: float) -> None:
         """Until both answer the standard health check with SERVING; RuntimeError if one exits or time runs out."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
         deadline = time.monotonic() + timeout_s
         waiting = list(self.KINDS)
         while waiting:
@@ -156,13 +166,7 @@ class ServiceProcesses:
                                    + (f" (see {self.log_dir / dead}.log)" if self.log_dir else ""))
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the {waiting[0]} service was not SERVING after {timeout_s:.0f} s")
-            kind = waiting[0]
-            with grpc.insecure_channel(self.target(kind).removeprefix("grpc://")) as channel:
-                try:
-                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                except grpc.RpcError:
-                    status = None
-            if status == health_pb2.HealthCheckResponse.SERVING:
+            if is_serving(self.target(waiting[0]).removeprefix("grpc://")):
                 waiting.pop(0)
             else:
                 time.sleep(0.3)

@@ -15,10 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from copl_cli.services import free_loopback_ports
+from copl_cli.services import free_loopback_ports, is_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "fault-write-token-" + uuid.uuid4().hex[:16]
@@ -43,13 +40,8 @@ def prepare_release(workdir: Path) -> tuple[str, Path]:
 
 
 def serving(port: int, timeout: float = 1.0) -> bool:
-    """Whether the server on `port` answers the standard health check with SERVING."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    """Whether the server on loopback `port` answers the standard health check with SERVING."""
+    return is_serving(f"127.0.0.1:{port}", timeout)
 
 
 def service_env(workdir: Path, **settings) -> dict[str, str]:

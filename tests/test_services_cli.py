@@ -10,10 +10,9 @@ import sys
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from copl.v1 import graph_pb2, graph_pb2_grpc, reward_pb2, reward_pb2_grpc
-from copl_cli.services import free_loopback_ports
+from copl_cli.services import free_loopback_ports, is_serving
 from copl_common.auth import bearer_metadata
 from tests.service_harness import copy_registry
 
@@ -21,12 +20,7 @@ COPL = [sys.executable, "-m", "copl_cli.main"]
 
 
 def _serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return is_serving(f"127.0.0.1:{port}")
 
 
 def _env(home) -> dict:
