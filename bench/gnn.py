@@ -9,9 +9,9 @@ Per size (typed synthetic users, 16 controversial pairs each, responses shared, 
             real would take hours to days at 100k+ users); its adaptation builds a dense users x
             responses score matrix, timed where it fits in --dense-max-gb
   adapt     latency of `adapt` for one new user (p50/p99 over many users) and for a batch of 1,000
-A profile whose GNN joins node content (content_dim > 0) gets stand-in response features: the typed graph's
-hidden attribute scores through a fixed random (K, content_dim) map plus noise, the width and cost of the
-backbone's text features without embedding a million texts. Peak RSS is the process high-water mark; sizes run in ascending order, so each row's value is that
+A profile with a content tower (`small`) gets stand-in response features: the typed graph's hidden attribute
+scores through a fixed random (K, 384) map plus noise, the width and cost of the backbone's text features
+without embedding a million texts. The paper's loop is timed on the graph alone. Peak RSS is the process high-water mark; sizes run in ascending order, so each row's value is that
 size's peak. The last line of output is one JSON object for the largest size run.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from graph_service.adaptation import adapt
-from graph_service.gnn import NodeContent, SignedAdjacency, SignedGCN, pair_scores
+from graph_service.gnn import SignedAdjacency, SignedGCN, pair_scores
 from graph_service.gnn_eval import evaluate_pairs
 from graph_service.gnn_training import train_gnn
 from graph_service.holdout import holdout_split
@@ -36,6 +36,7 @@ from testkit.typed_graph import typed_graph
 from trainer.profiles import PROFILE_NAMES, profile
 
 UNSEEN = 1000
+STAND_IN_WIDTH = 384   # all-MiniLM-L6-v2's hidden size
 
 
 def peak_rss_gb() -> float:
@@ -49,8 +50,7 @@ def stand_in_features(attributes: torch.Tensor, dim: int, seed: int) -> torch.Te
     return mixed + 0.1 * torch.randn(mixed.shape, generator=g)
 
 
-def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int,
-                            features: torch.Tensor | None) -> float:
+def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int) -> float:
     """The paper's loop: for every 1,024 triples, propagate the whole graph, backward, step."""
     g = torch.Generator().manual_seed(0)
     train_rows = holdout_split(snapshot.triples, snapshot.num_users, seed=0).train
@@ -60,13 +60,12 @@ def paper_minibatch_seconds(snapshot: GraphSnapshot, config, minibatches: int,
                                      snapshot.num_users, snapshot.num_responses, device)
     model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device)
     train = snapshot.triples[train_rows].to(device)
-    content = None if features is None else NodeContent.from_triples(features.to(device), train, snapshot.num_users)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     times = []
     for i in range(minibatches + 1):                  # the first one warms up allocators; not timed
         u, c, r = train[torch.randint(train.shape[0], (1024,), generator=g).to(device)].T
         start = time.perf_counter()
-        users, responses = model(adj, content)
+        users, responses = model(adj)
         loss = -F.logsigmoid(pair_scores(users.index_select(0, u), responses.index_select(0, c),
                                          responses.index_select(0, r))).mean()
         optimizer.zero_grad()
@@ -104,14 +103,14 @@ def run_size(n: int, args) -> dict:
     converge = n <= args.converge_max
     if not converge:   # time a few steps only; warm-up 0 so a 3-step schedule is valid
         config = dataclasses.replace(config, max_steps=args.steps, warmup_steps=0, eval_every=args.steps)
-    features = (stand_in_features(graph.response_attributes, config.model.content_dim, args.seed)
-                if config.model.content_dim else None)
+    features = (stand_in_features(graph.response_attributes, STAND_IN_WIDTH, args.seed)
+                if config.content is not None else None)
     run = train_gnn(snap, config, progress=not args.no_progress, response_features=features)
     ck = run.checkpoint
     step_s = run.seconds / len(run.history["step"])
     triples = snap.triples.shape[0]
     ours_epoch_s = math.ceil(triples / config.batch_triples) * step_s
-    paper_mb_s = paper_minibatch_seconds(snap, config, args.baseline_minibatches, features)
+    paper_mb_s = paper_minibatch_seconds(snap, config, args.baseline_minibatches)
     paper_epoch_s = math.ceil(triples / 1024) * paper_mb_s
 
     pick = torch.randperm(UNSEEN, generator=torch.Generator().manual_seed(1))[:args.single_users].tolist()

@@ -8,7 +8,9 @@ For a new user with labelled pairs (chosen_id, rejected_id):
      weights = softmax(fit / temperature) over the user's candidates;
   3. embedding = L2-normalize(sum of weight * candidate embedding). No gradient step.
 Step 3 re-normalizes (the paper's weighted mean has norm <= 1): the reward model's gate was trained
-on unit-norm trained embeddings, and the mean's direction is what carries the preference.
+on unit-norm trained embeddings, and the mean's direction is what carries the preference. With a content
+tower (content_tower.py) only the graph half of the embedding is the neighbours' mean: the content half is
+computed from the user's own scored pairs exactly as for a trained user, which needs no neighbour at all.
 
 Response ids are content hashes (sha256 of the text), so a pair's response that any seen user
 labelled matches its trained node by hash, whether the pair came from the store after training or
@@ -30,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from graph_service.content_tower import join_users
 from graph_service.embeddings import GNNCheckpoint, Source
 
 
@@ -126,5 +129,13 @@ def _adapt_block(ck: GNNCheckpoint, owner: torch.Tensor, chosen: torch.Tensor, r
     fit = (F.logsigmoid(margin) * pair_mask[:, None, :]).sum(2) / n_pairs.clamp(min=1)[:, None]  # (b, C)
     logits = (fit / config.temperature).masked_fill(~cand_mask, float("-inf"))
     weights = torch.softmax(logits, dim=1).nan_to_num(0.0)                          # (b, C); rows of -inf -> 0
-    emb = F.normalize(torch.bmm(weights[:, None, :], cand_emb).squeeze(1), dim=1)   # (b, d)
-    return emb, n_cand, n_pairs, weights.max(dim=1).values
+    emb = torch.bmm(weights[:, None, :], cand_emb).squeeze(1)                      # (b, d)
+    k = ck.content_dim
+    if not k:
+        return F.normalize(emb, dim=1), n_cand, n_pairs, weights.max(dim=1).values
+    # 4. With a content tower, the graph half comes from the neighbours and the content half from the user's own
+    # scored pairs (the neighbours' content where none is scored), each unit norm, as in the trained tables.
+    own = torch.zeros(b, k, dtype=emb.dtype).index_add_(
+        0, p_owner, (ck.response_content[chosen[scored]] - ck.response_content[rejected[scored]]).to(emb.dtype))
+    content = torch.where((n_pairs > 0)[:, None], own, emb[:, -k:])
+    return join_users(emb[:, :-k], F.normalize(content, dim=1)), n_cand, n_pairs, weights.max(dim=1).values

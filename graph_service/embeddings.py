@@ -3,6 +3,8 @@
 A checkpoint directory holds
   weights.safetensors  the SignedGCN state dict (layer weights and layer-0 ID embeddings)
   tables.safetensors   user_embeddings (U, d) L2-normalized, response_embeddings (R, d),
+                       response_content (R, k), only with a content tower: the last k columns of a user's
+                       embedding are the unit mean of A f_chosen - A f_rejected over their pairs (content_tower.py),
                        positive_indptr (R+1,) / positive_users (E+,): response -> users who chose it (CSR),
                        user_ids_utf8 / response_ids_utf8: the index maps, newline-joined UTF-8 bytes
   manifest.json        format, settings, shapes and dtypes, data snapshot time, metrics, sha256 per file
@@ -52,6 +54,7 @@ class GNNCheckpoint:
     positive_users: torch.Tensor            # (E+,) int64    positive_users[indptr[r]:indptr[r+1]]
     snapshot_time: datetime | None = None
     metrics: dict = field(default_factory=dict)
+    response_content: torch.Tensor | None = None   # (R, k) A f_r of the content tower; None: graph only
 
     def __post_init__(self):
         u, r = self.user_embeddings, self.response_embeddings
@@ -62,10 +65,18 @@ class GNNCheckpoint:
         if self.positive_indptr.shape != (r.shape[0] + 1,) or \
                 int(self.positive_indptr[-1]) != self.positive_users.numel():
             raise ValueError("positive_indptr must be (R+1,) and end at len(positive_users)")
+        c = self.response_content
+        if c is not None and (c.dim() != 2 or c.shape[0] != r.shape[0] or not 0 < c.shape[1] < u.shape[1]):
+            raise ValueError(f"response_content must be (R, k) with 0 < k < d, got {tuple(c.shape)}")
 
     @property
     def dim(self) -> int:
         return self.user_embeddings.shape[1]
+
+    @property
+    def content_dim(self) -> int:
+        """k: the trailing columns of a user embedding that come from the content tower (0: none)."""
+        return 0 if self.response_content is None else self.response_content.shape[1]
 
     @property
     def num_users(self) -> int:
@@ -110,6 +121,8 @@ class GNNCheckpoint:
             "positive_indptr": self.positive_indptr, "positive_users": self.positive_users,
             "user_ids_utf8": _encode_ids(self.user_ids), "response_ids_utf8": _encode_ids(self.response_ids),
         }
+        if self.response_content is not None:
+            tables["response_content"] = self.response_content
         weights = {k: v.detach() for k, v in self.model_state.items()}
         files = {WEIGHTS_FILE: weights, TABLES_FILE: tables}
         manifest = {
@@ -151,7 +164,7 @@ class GNNCheckpoint:
             user_ids=_decode_ids(tables["user_ids_utf8"]), response_ids=_decode_ids(tables["response_ids_utf8"]),
             positive_indptr=tables["positive_indptr"], positive_users=tables["positive_users"],
             snapshot_time=datetime.fromisoformat(snapshot_time) if snapshot_time else None,
-            metrics=manifest["metrics"])
+            metrics=manifest["metrics"], response_content=tables.get("response_content"))
         if (checkpoint.dim, checkpoint.num_users, checkpoint.num_responses) != \
                 (manifest["dim"], manifest["num_users"], manifest["num_responses"]):
             raise ValueError(f"{directory}: tables disagree with the manifest's dim / user / response counts")

@@ -10,10 +10,8 @@ self-connection, and applies LeakyReLU(0.2) to self + positive - negative:
     m+ = A+ x,  m- = A- x                                    # (N, d) one spmm per sign
     x' = LeakyReLU( W_s x + b + W+ [m+, m+ ⊙ x] - W- [m-, m- ⊙ x] )
 
-Layer 0 is an ID embedding per node, plus, when `content_dim` > 0, the node's content: a response's frozen
-text features f_r through a learned projection P_r, a user's mean over their pairs of (f_chosen - f_rejected)
-through P_u. Content lets responses alike in text share signal and places a user with few pairs by what
-they chose, where ID embeddings alone overfit small sparse graphs (issue 8: type separability 0.19-0.43).
+Layer 0 is an ID embedding per node. What the responses' text says joins the user embedding beside the
+graph, in content_tower.py, not here: a text projection at layer 0 was measured and lost (issue 8).
 
 Final node states are the mean over the layer outputs 0..L (layer 0 = the input states: the mean
 keeps the width at d, unlike NGCF's concatenation, and keeps each layer's signal); user embeddings
@@ -41,17 +39,12 @@ class GNNConfig:
     negative_slope: float = 0.2   # LeakyReLU slope (paper)
     init_std: float = 0.1         # ID-embedding init; small so layer-0 scores start near 0 and BPR gradients are balanced
     checkpoint_layers: bool = False  # recompute each layer in backward: ~1/3 more time, activation memory O(L*N*d) -> O(N*d)
-    content_dim: int = 0          # width of the frozen response text features joined at layer 0 (0: ID embeddings only)
-    id_embeddings: bool = True    # learned per-node ID embeddings at layer 0; False needs content_dim > 0
 
     def __post_init__(self):
-        if self.dim < 1 or self.layers < 0 or self.content_dim < 0:
-            raise ValueError(f"dim must be >= 1, layers and content_dim >= 0, got dim={self.dim} "
-                             f"layers={self.layers} content_dim={self.content_dim}")
+        if self.dim < 1 or self.layers < 0:
+            raise ValueError(f"dim must be >= 1 and layers >= 0, got dim={self.dim} layers={self.layers}")
         if self.init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if not self.id_embeddings and not self.content_dim:
-            raise ValueError("a model without ID embeddings needs content (content_dim > 0)")
 
 
 @dataclass(frozen=True)
@@ -107,22 +100,6 @@ class _SymmetricSpMM(torch.autograd.Function):
         return None, ctx.adj @ grad
 
 
-@dataclass(frozen=True)
-class NodeContent:
-    """Frozen text features of the nodes, for a model with content_dim > 0."""
-    users: torch.Tensor       # (U, content_dim) mean over the user's pairs of f_chosen - f_rejected
-    responses: torch.Tensor   # (R, content_dim) f_r
-
-    @classmethod
-    def from_triples(cls, response_features: torch.Tensor, triples: torch.Tensor, num_users: int) -> NodeContent:
-        """Users' content from their (user, chosen, rejected) triples; a user with none gets zeros."""
-        f = response_features
-        diff = f.index_select(0, triples[:, 1]) - f.index_select(0, triples[:, 2])           # (P, c)
-        sums = torch.zeros(num_users, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, triples[:, 0], diff)
-        counts = torch.bincount(triples[:, 0], minlength=num_users).clamp(min=1).to(f.dtype)
-        return cls(users=sums / counts[:, None], responses=f)
-
-
 class SignedGCNLayer(nn.Module):
     def __init__(self, config: GNNConfig):
         super().__init__()
@@ -152,27 +129,14 @@ class SignedGCN(nn.Module):
         self.response_emb = nn.Embedding(num_responses, config.dim)    # (R, d)
         nn.init.normal_(self.user_emb.weight, std=config.init_std)
         nn.init.normal_(self.response_emb.weight, std=config.init_std)
-        if config.content_dim:
-            self.user_proj = nn.Linear(config.content_dim, config.dim, bias=False)       # P_u
-            self.response_proj = nn.Linear(config.content_dim, config.dim, bias=False)   # P_r
         self.layers = nn.ModuleList(SignedGCNLayer(config) for _ in range(config.layers))
 
-    def forward(self, adj: SignedAdjacency, content: NodeContent | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, adj: SignedAdjacency) -> tuple[torch.Tensor, torch.Tensor]:
         """One propagation over the whole graph: (users (U, d) L2-normalized, responses (R, d))."""
         if (adj.num_users, adj.num_responses) != (self.num_users, self.num_responses):
             raise ValueError(f"adjacency is for {adj.num_users} users / {adj.num_responses} responses, "
                              f"model for {self.num_users} / {self.num_responses}")
-        users, responses = self.user_emb.weight, self.response_emb.weight
-        if not self.config.id_embeddings:
-            users, responses = torch.zeros_like(users), torch.zeros_like(responses)
-        if self.config.content_dim:
-            expected = [(self.num_users, self.config.content_dim), (self.num_responses, self.config.content_dim)]
-            if content is None or [tuple(content.users.shape), tuple(content.responses.shape)] != expected:
-                raise ValueError(f"this model joins node content: it needs users / responses features of shapes "
-                                 f"{expected}")
-            users = users + self.user_proj(content.users)                             # (U, d)
-            responses = responses + self.response_proj(content.responses)             # (R, d)
-        x = torch.cat([users, responses])                                             # (N, d)
+        x = torch.cat([self.user_emb.weight, self.response_emb.weight])                   # (N, d)
         total = x
         for layer in self.layers:
             if self.config.checkpoint_layers and torch.is_grad_enabled():

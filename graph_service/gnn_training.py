@@ -8,7 +8,9 @@ paper's code repropagates the whole graph for every 1,024 triples, so its epoch 
 (the whole training set when it fits) are nearly free and give a far better gradient per propagation.
 
 Held-out pairs (graph_service/holdout.py, the paper's `context_unseen` idea) have none of their edges in
-the training graph. The selection part picks the weights (best accuracy, ties: lower loss); the report
+the training graph. The selection part picks the weights: the lowest BPR loss (accuracy on a few hundred
+noisy pairs moved by chance and stopped good runs early; issue 8). With a content tower, the loss is the
+joined model's, whose tables are what gets published; the report
 part is scored once, with the kept weights, on the training graph. The published tables are then
 propagated once over the full snapshot, held-out pairs included: the weights are fixed, and in
 production every stored preference should inform the users.
@@ -28,7 +30,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from copl_common.plots import save_embedding_map, save_training_curve
 from copl_common.seeding import seeded
 from graph_service.embeddings import GNNCheckpoint
-from graph_service.gnn import GNNConfig, NodeContent, SignedAdjacency, SignedGCN, pair_scores
+from graph_service.content_tower import ContentConfig, ContentTower, fit_content_tower, join_responses, join_users
+from graph_service.gnn import GNNConfig, SignedAdjacency, SignedGCN, pair_scores
 from graph_service.holdout import Holdout, holdout_split
 from graph_service.snapshot import GraphSnapshot
 
@@ -36,6 +39,7 @@ from graph_service.snapshot import GraphSnapshot
 @dataclass(frozen=True)
 class GNNTrainConfig:
     model: GNNConfig = field(default_factory=GNNConfig)
+    content: ContentConfig | None = None   # the content tower beside the graph (content_tower.py); None: graph only
     batch_triples: int = 1 << 16   # triples per optimizer step (one propagation each); larger is almost free
     lr: float = 0.01               # AdamW peak learning rate
     weight_decay: float = 0.0      # AdamW decay on layer weights; the ID embeddings get the BPR L2 term instead
@@ -65,8 +69,9 @@ class GNNTrainConfig:
 @dataclass
 class TrainedGNN:
     checkpoint: GNNCheckpoint            # the release's tables: propagated over the FULL snapshot
-    training_graph_users: torch.Tensor   # (U, d) the kept weights propagated over the training graph only: the
-                                         # user embeddings the held-out pairs may be judged with
+    training_graph_users: torch.Tensor   # (U, d) the kept weights propagated over the training graph only (and
+                                         # the content half from training pairs): the user embeddings the
+                                         # held-out pairs may be judged with
     holdout: Holdout                     # rows of snapshot.triples: train / selection / report
     history: dict[str, list[float]]      # step, train_loss, lr per step; check_step, selection_loss,
                                          # selection_accuracy per early-stopping check
@@ -81,27 +86,28 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
               out_dir: str | Path | None = None, progress: bool = True,
               response_features: torch.Tensor | None = None) -> TrainedGNN:
     """Train on `holdout.train`, early-stop on `holdout.selection`, score `holdout.report` once at the end.
-    Without a holdout, the split of graph_service/holdout.py with this config's seed. A model with
-    content_dim > 0 needs `response_features` (R, content_dim), row for row with snapshot.response_ids; users'
-    content comes from their training triples here and from all their triples in the published tables."""
+    Without a holdout, the split of graph_service/holdout.py with this config's seed. With `config.content`,
+    `response_features` (R, c) row for row with snapshot.response_ids are required: the content tower is fitted
+    on the training pairs first, early stopping judges the joined scores, and the published users' content
+    half comes from all their pairs."""
     if snapshot.triples.shape[0] == 0:
         raise ValueError("the snapshot has no preferences to train on")
-    if bool(config.model.content_dim) != (response_features is not None):
-        raise ValueError(f"content_dim={config.model.content_dim}: response features must be given exactly when "
-                         "content_dim > 0")
-    if response_features is not None and \
-            tuple(response_features.shape) != (snapshot.num_responses, config.model.content_dim):
-        raise ValueError(f"response features must be ({snapshot.num_responses}, {config.model.content_dim}), "
-                         f"got {tuple(response_features.shape)}")
+    if (config.content is not None) != (response_features is not None):
+        raise ValueError("response features must be given exactly when the config has a content tower")
+    if response_features is not None and (response_features.dim() != 2
+                                          or response_features.shape[0] != snapshot.num_responses):
+        raise ValueError(f"response features must be ({snapshot.num_responses}, c), got {tuple(response_features.shape)}")
     device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-    features = None if response_features is None else response_features.to(device, dtype)
     if holdout is None:
         holdout = holdout_split(snapshot.triples, snapshot.num_users, config.seed)
     train, selection, report = (snapshot.triples[rows].to(device) for rows in holdout)
     train_graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[holdout.train])
     adj = SignedAdjacency.from_edges(train_graph.positive_edges(), train_graph.negative_edges(),
                                      snapshot.num_users, snapshot.num_responses, device, dtype)
-    content = None if features is None else NodeContent.from_triples(features, train, snapshot.num_users)
+    tower = None
+    if config.content is not None:
+        tower = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed)
+    joined = _Joiner(tower, train, snapshot.num_users)
     with seeded(config.seed, device):   # nn.Module init draws from the global generators
         model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device, dtype)
     embedding_params = [model.user_emb.weight, model.response_emb.weight]
@@ -113,7 +119,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     batch = min(config.batch_triples, train.shape[0])
     history: dict[str, list[float]] = {k: [] for k in ("step", "train_loss", "lr", "check_step",
                                                        "selection_loss", "selection_accuracy")}
-    best = (-1.0, math.inf)                      # (selection accuracy, selection loss)
+    best = (-1.0, math.inf)                      # (selection accuracy, selection loss) of the kept weights
     best_step, best_state, checks_since_best = 0, None, 0
     g = torch.Generator().manual_seed(config.seed)
     order, cursor = torch.randperm(train.shape[0], generator=g).to(device), 0
@@ -124,7 +130,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
             order, cursor = torch.randperm(train.shape[0], generator=g).to(device), 0
         u, c, r = train[order[cursor:cursor + batch]].T                      # (B,) each
         cursor += batch
-        users, responses = model(adj, content)                                # (U, d), (R, d)
+        users, responses = model(adj)                                         # (U, d), (R, d)
         # index_select, not users[u]: its backward (index_add) is deterministic on CPU, indexing's is not.
         bpr = -F.logsigmoid(pair_scores(users.index_select(0, u), responses.index_select(0, c),
                                         responses.index_select(0, r))).mean()
@@ -134,11 +140,11 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
         loss = bpr + config.l2 * reg
         if selection.shape[0] and (step % config.eval_every == 0 or step == config.max_steps - 1):
             with torch.no_grad():   # the weights that produced `users` are the ones we would keep
-                acc, sel_loss = _accuracy_loss(users, responses, selection)
+                acc, sel_loss = _accuracy_loss(*joined(users, responses), selection)
             history["check_step"].append(step)
             history["selection_loss"].append(sel_loss)
             history["selection_accuracy"].append(acc)
-            if acc > best[0] or (acc == best[0] and sel_loss < best[1]):
+            if sel_loss < best[1]:
                 best, best_step, checks_since_best = (acc, sel_loss), step, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
@@ -160,16 +166,16 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     else:
         model.load_state_dict(best_state)
     with torch.no_grad():                        # the kept weights on the graph they trained on
-        users, responses = model(adj, content)
+        users, responses = joined(*model(adj))
     report_accuracy = _accuracy_loss(users, responses, report)[0] if report.shape[0] else None
     selection_accuracy = best[0] if best_state is not None else None
 
-    full_content = (None if features is None
-                    else NodeContent.from_triples(features, snapshot.triples.to(device), snapshot.num_users))
-    checkpoint = _publish(model, snapshot, full_content, config, device, dtype, metrics={
+    checkpoint = _publish(model, snapshot, _Joiner(tower, snapshot.triples.to(device), snapshot.num_users),
+                          config, device, dtype, metrics={
         "selection_accuracy": selection_accuracy, "selection_loss": best[1] if best_state is not None else None,
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
-        "train_seconds": seconds, **holdout.counts(snapshot.triples),
+        "train_seconds": seconds, "content_tower_loss": None if tower is None else tower.final_loss,
+        **holdout.counts(snapshot.triples),
     })
     plots = {}
     if out_dir is not None:
@@ -194,14 +200,28 @@ def _accuracy_loss(users: torch.Tensor, responses: torch.Tensor, triples: torch.
     return float((margin > 0).double().mean()), float(-F.logsigmoid(margin).mean())
 
 
-def _publish(model: SignedGCN, snapshot: GraphSnapshot, content: NodeContent | None, config: GNNTrainConfig,
+class _Joiner:
+    """(GNN users, GNN responses) -> the published tables: unchanged without a tower, else the GNN and content
+    halves side by side (content_tower.py), users' content from `triples`."""
+
+    def __init__(self, tower: ContentTower | None, triples: torch.Tensor, num_users: int):
+        self.tower = tower
+        self.content_users = None if tower is None else tower.users(triples, num_users)
+
+    def __call__(self, users: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tower is None:
+            return users, responses
+        return join_users(users, self.content_users), join_responses(responses, self.tower.response_side)
+
+
+def _publish(model: SignedGCN, snapshot: GraphSnapshot, joined: _Joiner, config: GNNTrainConfig,
              device, dtype, metrics: dict) -> GNNCheckpoint:
     """Propagate the kept weights over the full snapshot and package tables, maps and weights."""
     positive = snapshot.positive_edges()                                     # (2, E+)
     adj = SignedAdjacency.from_edges(positive, snapshot.negative_edges(), snapshot.num_users,
                                      snapshot.num_responses, device, dtype)
     with torch.no_grad():
-        users, responses = model(adj, content)                               # (U, d), (R, d)
+        users, responses = joined(*model(adj))                               # (U, d), (R, d)
     by_response = torch.argsort(positive[1] * snapshot.num_users + positive[0])
     indptr = torch.zeros(snapshot.num_responses + 1, dtype=torch.int64)
     indptr[1:] = torch.cumsum(torch.bincount(positive[1], minlength=snapshot.num_responses), 0)
@@ -210,4 +230,5 @@ def _publish(model: SignedGCN, snapshot: GraphSnapshot, content: NodeContent | N
         user_embeddings=users.cpu(), response_embeddings=responses.cpu(),
         user_ids=list(snapshot.user_ids), response_ids=list(snapshot.response_ids),
         positive_indptr=indptr, positive_users=positive[0][by_response].contiguous(),
-        snapshot_time=snapshot.snapshot_time, metrics=metrics)
+        snapshot_time=snapshot.snapshot_time, metrics=metrics,
+        response_content=None if joined.tower is None else joined.tower.user_side.cpu())

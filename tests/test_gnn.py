@@ -174,28 +174,3 @@ def test_bad_inputs_raise_value_error(small_run):
         train_gnn(GraphSnapshot(["u"], ["r"], torch.zeros(0, 3, dtype=torch.int64)), TINY)
     with pytest.raises(ValueError):
         dataclasses.replace(TINY, warmup_steps=1000)
-
-
-def test_content_aware_gnn_places_sparse_users_by_what_they_chose(tmp_path):
-    """4 pairs a user: ID embeddings alone cannot place users well; the responses' content (here their hidden
-    attribute scores, standing in for text features) can. The checkpoint keeps the projections and reloads."""
-    graph = typed_graph(200, num_types=3, pairs_per_user=4, test_pairs_per_user=4, seed=5)
-    features = graph.response_attributes + 0.05 * torch.randn(graph.response_attributes.shape,
-                                                               generator=torch.Generator().manual_seed(0))
-    base = dataclasses.replace(TINY, max_steps=60, patience=100)
-    content = dataclasses.replace(base, model=dataclasses.replace(base.model, content_dim=3, id_embeddings=False))
-    test = graph.seen_test
-    run = train_gnn(graph.snapshot, content, progress=False, response_features=features)
-    ids_only = train_gnn(graph.snapshot, base, progress=False)
-    with_content = evaluate_pairs(run.checkpoint, test[:, 0], test[:, 1], test[:, 2])
-    assert with_content > 0.85
-    assert with_content > evaluate_pairs(ids_only.checkpoint, test[:, 0], test[:, 1], test[:, 2]) + 0.05
-    assert {"user_proj.weight", "response_proj.weight"} <= run.checkpoint.model_state.keys()
-    run.checkpoint.save(tmp_path / "ck")
-    assert torch.equal(GNNCheckpoint.load(tmp_path / "ck").user_embeddings, run.checkpoint.user_embeddings)
-    with pytest.raises(ValueError, match="response features must be given"):
-        train_gnn(graph.snapshot, content, progress=False)
-    with pytest.raises(ValueError, match="response features must be"):
-        train_gnn(graph.snapshot, content, progress=False, response_features=features[:, :2])
-    with pytest.raises(ValueError, match="needs content"):
-        GNNConfig(id_embeddings=False)

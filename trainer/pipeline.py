@@ -187,7 +187,7 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
     with registry.stage() as staged:
         plots = staged / "plots"
         features = None
-        if prof.gnn.model.content_dim:
+        if prof.gnn.content is not None:
             features = snapshot_features(snapshot, texts, rm_model_cfg.backbone, progress=request.progress)
         gnn = stages.gnn(snapshot, prof.gnn, holdout, plots, request.progress, features)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users

@@ -1,5 +1,5 @@
 """Training profiles, all in this one place: one name picks the GNN and the reward-model settings together,
-and the reward model's gate always takes the GNN's embedding width.
+and the reward model's gate always takes the user embedding's width (the GNN's plus its content tower's).
 
 Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measurements:
 
@@ -7,14 +7,13 @@ Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measureme
          took 24 s on a quiet machine.
   small  accuracy runs on CPU: 1,000 users of uf-p-4 train in 3-3.6 minutes (`copl demo --preset uf-p-4
          --users 1000 --profile small`; bench/accuracy.py's "train s" column, docs/RESULTS.md).
-  content  `small` with the content-aware GNN (response text features at layer 0, no ID embeddings): better on
-         the styles family's sparse regimes, worse on uf-p-4 so far (README, bench/robustness.py).
   paper  the paper's reference sizes (GNN 4 x 512; MoLE E=8, k=1, r=8, alpha=16 on every block), for a GPU.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from graph_service.content_tower import ContentConfig
 from graph_service.gnn import GNNConfig
 from graph_service.gnn_training import GNNTrainConfig
 from reward_service.mole import MoLEConfig
@@ -32,7 +31,8 @@ class Profile:
 
 def _profile(name: str, gnn: GNNTrainConfig, reward_model: RewardModelConfig,
              reward_training: RMTrainConfig) -> Profile:
-    model = replace(reward_model, mole=replace(reward_model.mole, user_dim=gnn.model.dim))
+    content = 0 if gnn.content is None else gnn.content.dim
+    model = replace(reward_model, mole=replace(reward_model.mole, user_dim=gnn.model.dim + content))
     return Profile(name, gnn, model, reward_training)
 
 
@@ -65,22 +65,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _profile(
         "small",
         # GNN: 1,000-100,000 users on CPU; the width bench/gnn.py measures at every size. l2=1.0 measured best on
-        # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy).
-        GNNTrainConfig(model=GNNConfig(dim=64, layers=3), lr=0.02, l2=1.0, max_steps=150, warmup_steps=5,
-                       eval_every=5, patience=6),
-        _SMALL_RM, _SMALL_RM_TRAINING,
-    ),
-    _profile(
-        "content",
-        # `small` with the content-aware GNN (issue 8, not yet the default). Layer 0 is the nodes'
-        # content (the backbone's mean sentence embedding of a response; a user's mean chosen-minus-rejected), no
-        # ID embeddings: on styles 240 users x 8 pairs type separability 0.81 (IDs) -> 0.89, on uf-p-4 400 users
-        # held-out context accuracy 0.975 -> 1.0 (IDs + content: 0.81 and 0.98). Content needs more steps than
-        # IDs (150 stopped it at 0.85 on uf-p-4); early stopping ends it at ~90-210. l2 acts on ID embeddings only.
-        # Robustness regime styles 240 x 8: gap closed 1.31 / 0.92 (docs/RESULTS.md). Caution: gnn_quality --quick
-        # (uf-p-4, 300 users) 0.873 / 0.844 against 0.970 / 1.000 with IDs (content_dim=0, id_embeddings=True).
-        GNNTrainConfig(model=GNNConfig(dim=64, layers=3, content_dim=384, id_embeddings=False), lr=0.02, l2=1.0,
-                       max_steps=400, warmup_steps=5, eval_every=5, patience=6),
+        # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy). The content tower
+        # (32 of the 96 columns) keeps who the user is where the graph is too small and sparse to (issue 8).
+        GNNTrainConfig(model=GNNConfig(dim=64, layers=3), content=ContentConfig(), lr=0.02, l2=1.0, max_steps=150,
+                       warmup_steps=5, eval_every=5, patience=6),
         _SMALL_RM, _SMALL_RM_TRAINING,
     ),
     _profile(
