@@ -13,11 +13,13 @@ and profile) is skipped, so an interrupted grid continues where it stopped.
     .venv/bin/python bench/robustness.py --quick                  # one small styles regime (~2 minutes on 1 core)
     .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
     .venv/bin/python bench/robustness.py                          # the whole grid (hours on CPU)
+    .venv/bin/python bench/robustness.py --embeddings-only        # user embeddings alone, whole grid (minutes)
 Last line: one JSON object with the per-regime figures, min_gap_closed_seen and min_gap_closed_unseen.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trainer.robustness import Regime, run_regime, score_regime, trained_releases  # noqa: E402
+from trainer.profiles import profile  # noqa: E402
+from trainer.robustness import Regime, embedding_figures, run_regime, score_regime, trained_releases  # noqa: E402
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
 # both families. Prompts follow the data size unless set (about 16 users label a training response).
@@ -71,6 +74,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def embeddings_only(args, regimes: list[Regime]) -> None:
+    """The profile's GNN with its content tower against the same GNN without it, on every regime's data."""
+    joined = profile(args.profile).gnn
+    if joined.content is None:
+        sys.exit(f"error: profile {args.profile} has no content tower to compare")
+    variants = {"graph only": dataclasses.replace(joined, content=None), "graph + content": joined}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="copl-embeddings-") as tmp:
+        work = args.keep or Path(tmp)
+        for i, regime in enumerate(regimes):
+            print(f"[{i + 1}/{len(regimes)}] {regime.name} ...", file=sys.stderr, flush=True)
+            rows.append({"regime": regime.name, **{v: embedding_figures(regime, work, c) for v, c in variants.items()}})
+    print(f"profile {args.profile}; held-out = the GNN's accuracy on held-out context pairs (report part); "
+          "separability = leave-one-out nearest-centroid accuracy of the user embeddings against the true type, "
+          "seen / unseen (adapted)")
+    head = "| regime | " + " | ".join(f"{v}: held-out | {v}: separability s/u | {v}: s" for v in variants) + " |"
+    print(head + "\n|" + " --- |" * (head.count("|") - 1))
+    for r in rows:
+        print(f"| {r['regime']} | " + " | ".join(
+            f"{fmt(r[v]['gnn_report_accuracy'])} | {fmt(r[v]['separability_seen'])} / {fmt(r[v]['separability_unseen'])} "
+            f"| {r[v]['seconds']}" for v in variants) + " |")
+    print(json.dumps({"profile": args.profile, "regimes": rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
@@ -84,6 +111,9 @@ def main() -> None:
                         help="score the releases already trained under DIR/REGIME (a run stopped after training, "
                              "its work folder kept with --keep) instead of training again")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--embeddings-only", action="store_true",
+                        help="train only the profile's GNN, with and without its content tower, and print held-out "
+                             "accuracy and type separability per regime (no reward model; seconds a regime)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(r.name for r in GRID))
@@ -93,6 +123,9 @@ def main() -> None:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         sys.exit(f"error: unknown regime(s) {', '.join(unknown)}; --list shows the grid")
+    if args.embeddings_only:
+        embeddings_only(args, [by_name[n] for n in names])
+        return
     with tempfile.TemporaryDirectory(prefix="copl-robustness-") as tmp:
         work = args.keep or Path(tmp)
         results = args.results or (Path(tmp) / "results.jsonl" if args.quick else ROOT / "docs" / "robustness.jsonl")

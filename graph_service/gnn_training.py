@@ -104,9 +104,11 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     train_graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[holdout.train])
     adj = SignedAdjacency.from_edges(train_graph.positive_edges(), train_graph.negative_edges(),
                                      snapshot.num_users, snapshot.num_responses, device, dtype)
-    tower = None
+    tower, tower_seconds = None, 0.0
     if config.content is not None:
+        start = time.perf_counter()
         tower = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed)
+        tower_seconds = time.perf_counter() - start
     joined = _Joiner(tower, train, snapshot.num_users)
     with seeded(config.seed, device):   # nn.Module init draws from the global generators
         model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device, dtype)
@@ -175,6 +177,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
         "selection_accuracy": selection_accuracy, "selection_loss": best[1] if best_state is not None else None,
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
         "train_seconds": seconds, "content_tower_loss": None if tower is None else tower.final_loss,
+        "content_tower_seconds": tower_seconds,
         **holdout.counts(snapshot.triples),
     })
     plots = {}

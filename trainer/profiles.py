@@ -55,8 +55,8 @@ _SMALL_RM_TRAINING = RMTrainConfig(batch_size=32, epochs=4, min_steps=100, max_s
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     _profile(
         "tiny",
-        GNNTrainConfig(model=GNNConfig(dim=32, layers=2), lr=0.02, l2=0.1, max_steps=120, warmup_steps=5,
-                       eval_every=5, patience=6),
+        GNNTrainConfig(model=GNNConfig(dim=32, layers=2), content=ContentConfig(dim=8), lr=0.02, l2=0.1,
+                       max_steps=120, warmup_steps=5, eval_every=5, patience=6),
         RewardModelConfig(max_length=96, mole=MoLEConfig(num_experts=4, rank=4, alpha=8.0, gate_hidden=64,
                                                          target_modules=_TARGETS, last_n_layers=2)),
         RMTrainConfig(batch_size=16, max_steps=40, warmup_steps=3, eval_every=10, lr=2e-3, patience=3,

@@ -18,19 +18,24 @@ type separability, the leave-one-out nearest-centroid accuracy of the user embed
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from copl_common.registry import Registry, Release
+from graph_service.adaptation import adapt
+from graph_service.gnn_training import GNNTrainConfig, train_gnn
 from graph_service.ingest import ingest_files, read_valid_records
+from graph_service.records import content_hash
 from graph_service.store import PreferenceStore
 from graph_service.user_embeddings import UserEmbeddingResolver
 from reward_service.training import PreferenceExample, pair_margins
 from trainer import synth, synth_styles
 from trainer.evaluate import evaluate_release, load_release_parts
 from trainer.pipeline import TrainRequest, train_release, type_one_hot
+from trainer.response_features import snapshot_features
 
 VARIANTS = {"baseline": {"personalized": False}, "copl": {}, "oracle": {"user_embeddings": "oracle"}}
 
@@ -99,6 +104,39 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
                                                  make_current=False, progress=progress, **kwargs))
                 for name, kwargs in VARIANTS.items()}
     return score_regime(regime, data, releases, profile)
+
+
+def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dict:
+    """The user embeddings alone, in seconds: train only the GNN (and its content tower, if the config has one)
+    on the regime's seen users and return its held-out context accuracy and type separability, seen and
+    unseen (adapted from their context pairs, as the graph service would)."""
+    data = work / regime.name
+    if not (data / "store.db").exists():
+        regime.write_data(data)
+        with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+            ingest_files(store, [data / "train_seen.jsonl"], progress=False)
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+        snapshot, texts = store.snapshot_with_texts()
+    features = snapshot_features(snapshot, texts) if config.content is not None else None
+    start = time.perf_counter()
+    trained = train_gnn(snapshot, config, progress=False, response_features=features)
+    seconds = time.perf_counter() - start
+    ck = trained.checkpoint
+    unseen: dict[str, list[tuple[str, str]]] = {}
+    group_of = {}
+    for name in ("train_seen.jsonl", "train_unseen.jsonl"):
+        for row in map(json.loads, open(data / name)):
+            group_of[row["user_id"]] = row["group"]
+            if name == "train_unseen.jsonl":
+                unseen.setdefault(row["user_id"], []).append((content_hash(row["chosen"]), content_hash(row["rejected"])))
+    seen_types = [group_of[u] for u in ck.user_ids]
+    ids = sorted(unseen)
+    adapted = adapt(ck, [unseen[u] for u in ids]).embeddings if ids else None
+    return {"gnn_report_accuracy": trained.report_accuracy,
+            "separability_seen": separability(ck.user_embeddings, seen_types),
+            "separability_unseen": (separability(ck.user_embeddings, seen_types, adapted, [group_of[u] for u in ids])
+                                    if ids else None),
+            "seconds": round(seconds, 1)}
 
 
 def trained_releases(data: Path) -> dict[str, Release]:
