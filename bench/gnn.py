@@ -21,19 +21,24 @@ import dataclasses
 import json
 import math
 import resource
+import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # testkit is not an installed package
 
-from graph_service.adaptation import adapt
-from graph_service.gnn import SignedAdjacency, SignedGCN, pair_scores
-from graph_service.gnn_eval import evaluate_pairs
-from graph_service.gnn_training import train_gnn
-from graph_service.holdout import holdout_split
-from graph_service.snapshot import GraphSnapshot
-from testkit.typed_graph import typed_graph
-from trainer.profiles import PROFILE_NAMES, profile
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from graph_service.adaptation import adapt  # noqa: E402
+from graph_service.gnn import SignedAdjacency, SignedGCN, pair_scores  # noqa: E402
+from graph_service.gnn_eval import evaluate_pairs  # noqa: E402
+from graph_service.gnn_training import train_gnn  # noqa: E402
+from graph_service.holdout import holdout_split  # noqa: E402
+from graph_service.snapshot import GraphSnapshot  # noqa: E402
+from testkit.typed_graph import typed_graph  # noqa: E402
+from trainer.profiles import PROFILE_NAMES, profile  # noqa: E402
 
 UNSEEN = 1000
 STAND_IN_WIDTH = 384   # all-MiniLM-L6-v2's hidden size

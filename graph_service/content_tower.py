@@ -39,7 +39,7 @@ class ContentConfig:
     steps: int = 300               # full-batch AdamW steps; measured flat from ~200 to 400 on the styles grid
     lr: float = 0.01
     weight_decay: float = 0.01
-    max_pairs: int = 200_000       # fit on the pairs of a seeded sample of users beyond this: 2 x c x k parameters
+    max_pairs: int = 50_000        # fit on the pairs of a seeded sample of users beyond this: 2 x c x k parameters
                                    # need no more, and a step then costs the same at 1M users as at 10k
 
     def __post_init__(self):
