@@ -18,7 +18,7 @@ from trainer.profiles import profile
 @pytest.fixture(scope="module")
 def trained():
     graph = typed_graph(400, num_unseen=40, seed=5)
-    run = train_gnn(graph.snapshot, dataclasses.replace(profile("tiny").gnn, max_steps=60), progress=False)
+    run = train_gnn(graph.snapshot, dataclasses.replace(profile("tiny").gnn, max_steps=60, content=None), progress=False)
     return graph, run.checkpoint
 
 

@@ -18,7 +18,7 @@ from graph_service.snapshot import GraphSnapshot
 from testkit.typed_graph import typed_graph
 from trainer.profiles import profile
 
-GRAPH_ONLY = dataclasses.replace(profile("tiny").gnn, max_steps=60, patience=100)
+GRAPH_ONLY = dataclasses.replace(profile("tiny").gnn, max_steps=60, patience=100, content=None)
 JOINED = dataclasses.replace(GRAPH_ONLY, content=ContentConfig(dim=8, steps=200))
 
 

@@ -16,7 +16,7 @@ from graph_service.snapshot import GraphSnapshot
 from testkit.typed_graph import typed_graph
 from trainer.profiles import profile
 
-TINY = profile("tiny").gnn
+TINY = dataclasses.replace(profile("tiny").gnn, content=None)   # the graph alone: test_content_tower.py has the tower
 
 
 def _random_snapshot(num_users=7, num_responses=9, num_triples=30, seed=0) -> GraphSnapshot:
