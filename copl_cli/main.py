@@ -457,7 +457,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo's dataset, SQLite store, registry and logs go")] = Path("data/demo"),
     preset: Annotated[str, typer.Option(help="uf-p-2 | uf-p-4")] = "uf-p-4",
     users: Annotated[int, typer.Option(min=8, help="synthetic users")] = DEMO_USERS,
-    profile: Annotated[str, typer.Option(help="training profile (tiny | small | content | paper)")] = "tiny",
+    profile: Annotated[str, typer.Option(help="training profile (tiny | small | paper)")] = "tiny",
     reward_steps: Annotated[Optional[int], typer.Option(min=2, help="reward-model steps instead of the profile's "
                                                       f"(default: {DEMO_TINY_REWARD_STEPS} with the tiny profile)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
