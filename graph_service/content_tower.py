@@ -36,7 +36,7 @@ from copl_common.seeding import seeded
 @dataclass(frozen=True)
 class ContentConfig:
     dim: int = 32                  # k: width of the content half of the user embedding
-    steps: int = 300               # full-batch AdamW steps; measured flat from ~200 to 400 on the styles grid
+    steps: int = 300               # full-batch AdamW steps, as in the grid sweep that chose the tower (not tuned)
     lr: float = 0.01
     weight_decay: float = 0.01
     max_pairs: int = 50_000        # fit on the pairs of a seeded sample of users beyond this: 2 x c x k parameters
