@@ -96,14 +96,19 @@ def gap_closed(copl: float | None, baseline: float | None, oracle: float | None,
 def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False) -> dict:
     """Train and score the three variants on one regime; every figure of the robustness table."""
     data = work / regime.name
-    regime.write_data(data)
+    _write_and_ingest_seen(regime, data)
     url = f"sqlite:///{data / 'store.db'}"
-    with PreferenceStore(url) as store:
-        ingest_files(store, [data / "train_seen.jsonl"], progress=False)
     releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
                                                  make_current=False, progress=progress, **kwargs))
                 for name, kwargs in VARIANTS.items()}
     return score_regime(regime, data, releases, profile)
+
+
+def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
+    """The regime's files in `data`, and its seen users in a SQLite store there (data/store.db)."""
+    regime.write_data(data)
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+        ingest_files(store, [data / "train_seen.jsonl"], progress=False)
 
 
 def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dict:
@@ -112,9 +117,7 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
     unseen (adapted from their context pairs, as the graph service would)."""
     data = work / regime.name
     if not (data / "store.db").exists():
-        regime.write_data(data)
-        with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
-            ingest_files(store, [data / "train_seen.jsonl"], progress=False)
+        _write_and_ingest_seen(regime, data)
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         snapshot, texts = store.snapshot_with_texts()
     features = snapshot_features(snapshot, texts) if config.content is not None else None
