@@ -7,8 +7,9 @@ the embedding) -> test pairs on held-out prompts. The headline per regime is the
 no training); beside it the GNN's held-out context accuracy and how well its user embeddings separate the
 true types (leave-one-out nearest centroid).
 
-Resumable: one JSON line per finished regime is appended to --results; a regime already there (same name
-and profile) is skipped, so an interrupted grid continues where it stopped.
+Resumable: one JSON line per finished regime is saved in --results; a regime already there (same name
+and profile) is skipped, so an interrupted grid continues where it stopped. --copl-only retrains only CoPL on
+the regimes there and keeps their baseline and oracle figures (they do not read the user embeddings).
 
     .venv/bin/python bench/robustness.py --quick                  # one small styles regime (~2 minutes on 1 core)
     .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
@@ -60,7 +61,7 @@ def fmt(x) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| regime | users x pairs | noise | bound | baseline s/u | CoPL s/u | oracle s/u | gap closed s/u "
-            "| GNN held-out | separability s/u | RM steps b/c/o |")
+            "| GNN held-out | separability s/u | type ceiling s/u | RM steps b/c/o |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         g = r["regime"]
@@ -69,9 +70,14 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {g['name']} | {g['users']} x {pairs} | {g['noise'] if g['family'] == 'styles' else 0} "
                      f"| {fmt(r['majority_bound'])} | {su('baseline')} | {su('copl')} | {su('oracle')} "
                      f"| {fmt(r['gap_closed_seen'])} / {fmt(r['gap_closed_unseen'])} | {fmt(r['gnn_report_accuracy'])} "
-                     f"| {fmt(r['separability_seen'])} / {fmt(r['separability_unseen'])} "
+                     f"| {fmt(r['separability_seen'])} / {fmt(r['separability_unseen'])} | {ceiling(r)} "
                      f"| {'/'.join(str(r['reward_steps'][v]) for v in ('baseline', 'copl', 'oracle'))} |")
     return "\n".join(lines)
+
+
+def ceiling(row: dict) -> str:
+    c = row.get("type_ceiling") or {"seen": None, "unseen": None}   # rows from before it was measured have none
+    return f"{fmt(c['seen'])} / {fmt(c['unseen'])}"
 
 
 def embeddings_only(args, regimes: list[Regime]) -> None:
@@ -89,13 +95,35 @@ def embeddings_only(args, regimes: list[Regime]) -> None:
     print(f"profile {args.profile}; held-out = the GNN's accuracy on held-out context pairs (report part); "
           "separability = leave-one-out nearest-centroid accuracy of the user embeddings against the true type, "
           "seen / unseen (adapted)")
-    head = "| regime | " + " | ".join(f"{v}: held-out | {v}: separability s/u | {v}: s" for v in variants) + " |"
+    head = ("| regime | " + " | ".join(f"{v}: held-out | {v}: separability s/u | {v}: s" for v in variants)
+            + " | type ceiling s/u |")
     print(head + "\n|" + " --- |" * (head.count("|") - 1))
     for r in rows:
         print(f"| {r['regime']} | " + " | ".join(
             f"{fmt(r[v]['gnn_report_accuracy'])} | {fmt(r[v]['separability_seen'])} / {fmt(r[v]['separability_unseen'])} "
-            f"| {r[v]['seconds']}" for v in variants) + " |")
+            f"| {r[v]['seconds']}" for v in variants) + f" | {ceiling(r['graph + content'])} |")
     print(json.dumps({"profile": args.profile, "regimes": rows}))
+
+
+def read_rows(results: Path) -> dict[tuple[str, str], dict]:
+    """The finished regimes in `results` by (regime name, profile), in file order."""
+    rows = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["regime"]["name"], row["profile"]] = row
+    return rows
+
+
+def save_row(results: Path, row: dict) -> None:
+    """Add `row` to `results`, in place of an earlier row of its regime and profile. The file is read again and
+    replaced whole in one rename, so two runs of the grid on one file (different regimes) keep each other's rows."""
+    rows = read_rows(results)
+    rows[row["regime"]["name"], row["profile"]] = row
+    results.parent.mkdir(parents=True, exist_ok=True)
+    partial = results.with_name(f"{results.name}.{os.getpid()}.partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    partial.replace(results)
 
 
 def main() -> None:
@@ -111,6 +139,10 @@ def main() -> None:
                         help="score the releases already trained under DIR/REGIME (a run stopped after training, "
                              "its work folder kept with --keep) instead of training again")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--copl-only", action="store_true",
+                        help="retrain only CoPL on regimes already in --results, keep their baseline and oracle figures "
+                             "(neither reads the user embeddings; same seeded data) and replace their rows; regimes "
+                             "not there yet train all three")
     parser.add_argument("--embeddings-only", action="store_true",
                         help="train only the profile's GNN, with and without its content tower, and print held-out "
                              "accuracy and type separability per regime (no reward model; seconds a regime)")
@@ -129,14 +161,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="copl-robustness-") as tmp:
         work = args.keep or Path(tmp)
         results = args.results or (Path(tmp) / "results.jsonl" if args.quick else ROOT / "docs" / "robustness.jsonl")
-        done = {}
-        if results.exists():
-            for line in results.read_text().splitlines():
-                row = json.loads(line)
-                done[row["regime"]["name"], row["profile"]] = row
+        done = read_rows(results)
         start = time.perf_counter()
         for i, name in enumerate(names):
-            if (name, args.profile) in done:
+            earlier = done.get((name, args.profile))
+            if earlier and not args.copl_only:
                 print(f"[{i + 1}/{len(names)}] {name}: already in {results}", file=sys.stderr)
                 continue
             print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
@@ -144,11 +173,9 @@ def main() -> None:
                 data = args.rescore / name
                 row = score_regime(by_name[name], data, trained_releases(data), args.profile)
             else:
-                row = run_regime(by_name[name], work, args.profile)
+                row = run_regime(by_name[name], work, args.profile, earlier=earlier if args.copl_only else None)
             done[name, args.profile] = row
-            results.parent.mkdir(parents=True, exist_ok=True)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            save_row(results, row)
             print(f"[{i + 1}/{len(names)}] {name}: gap closed {fmt(row['gap_closed_seen'])} seen, "
                   f"{fmt(row['gap_closed_unseen'])} unseen", file=sys.stderr, flush=True)
     rows = [done[n, args.profile] for n in names]

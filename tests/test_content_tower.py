@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from graph_service.adaptation import adapt
-from graph_service.content_tower import ContentConfig, fit_content_tower
+from graph_service.content_tower import ContentConfig, fit_content_tower, leave_pair_out
 from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.gnn_eval import evaluate_pairs
 from graph_service.gnn_training import train_gnn
@@ -59,6 +59,30 @@ def test_a_pair_never_predicts_itself():
     assert tower.final_loss > math.log(2) - 0.03
 
 
+def test_selection_pairs_stop_the_tower_before_it_overfits():
+    """With held-out pairs the tower keeps its lowest-loss check there: on random labels (nothing to learn but
+    noise to overfit) that is an early step whose held-out loss beats the last step's."""
+    graph = typed_graph(200, num_types=3, pairs_per_user=6, seed=4)
+    triples = graph.snapshot.triples.clone()
+    flip = torch.rand(len(triples), generator=torch.Generator().manual_seed(1)) < 0.5
+    triples[flip, 1], triples[flip, 2] = graph.snapshot.triples[flip, 2], graph.snapshot.triples[flip, 1]
+    held = torch.rand(len(triples), generator=torch.Generator().manual_seed(2)) < 0.2
+    train, selection = triples[~held], triples[held]
+    features, users = _features(graph), graph.snapshot.num_users
+    config = ContentConfig(dim=8, steps=300, lr=0.05)
+
+    def held_out_loss(tower):
+        means = tower.users(train, users)
+        margin = (means[selection[:, 0]] * (tower.response_side[selection[:, 1]]
+                                            - tower.response_side[selection[:, 2]])).sum(1)
+        return float(-F.logsigmoid(margin).mean())
+
+    stopped = fit_content_tower(features, train, users, config, selection=selection)
+    last = fit_content_tower(features, train, users, config)
+    assert stopped.best_step < 300 and last.best_step == 300 and last.selection_loss is None
+    assert held_out_loss(stopped) < held_out_loss(last)
+
+
 def test_checkpoint_round_trip_keeps_the_content_table(sparse, tmp_path):
     _, _, run = sparse
     run.checkpoint.save(tmp_path / "ck")
@@ -101,3 +125,28 @@ def test_features_must_match_the_config(sparse):
     with pytest.raises(ValueError, match="at least one"):
         fit_content_tower(features, GraphSnapshot(["u"], ["r"], torch.zeros(0, 3, dtype=torch.int64)).triples, 1,
                           ContentConfig())
+
+
+def test_the_reward_models_training_pairs_leave_themselves_out(sparse):
+    """Each training pair's embedding is its user's with that pair out of the content half: adding the pair back
+    gives the published content half; the graph half is the user's own; a user's only pair leaves a zero half."""
+    graph, _, run = sparse
+    ck, users = run.checkpoint, run.training_graph_users
+    k, train = ck.content_dim, graph.snapshot.triples[run.holdout.train]
+    single = torch.tensor([[0, 0, 1]])   # one more "user" (the table's last row) with a single pair
+    triples = torch.cat([train, single + torch.tensor([[users.shape[0], 0, 0]])])
+    table = torch.cat([users, users[:1]])
+    rows = leave_pair_out(table, ck.response_content, triples)                                   # (P, d)
+    assert rows.shape == (triples.shape[0], ck.dim)
+    assert torch.equal(rows[:, :-k], table[triples[:, 0], :-k])
+    u, c, r = train.T
+    diff = ck.response_content[c] - ck.response_content[r]
+    without = rows[:-1, -k:] * math.sqrt(2)
+    assert torch.allclose(without.norm(dim=1), torch.ones(len(train)), atol=1e-5)
+    sums = torch.zeros(users.shape[0], k).index_add_(0, u, diff)     # the published half is built from `train`
+    assert torch.allclose(F.normalize(sums[u], dim=1), users[u, -k:] * math.sqrt(2), atol=1e-5)
+    for p in range(0, len(train), 97):                                # spot checks, pair by pair
+        others = [q for q in range(len(train)) if u[q] == u[p] and q != p]
+        assert torch.allclose(without[p], F.normalize(diff[others].sum(0), dim=0), atol=1e-5)
+    assert (without * diff).sum(1).mean() < (users[u, -k:] * math.sqrt(2) * diff).sum(1).mean()
+    assert torch.equal(rows[-1, -k:], torch.zeros(k))

@@ -10,7 +10,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from graph_service.records import parse_record
-from trainer.synth_styles import STYLES, StylesConfig, generate, write
+from trainer.synth_styles import STYLES, StylesConfig, bayes_type_accuracy, generate, write
 
 
 def _utility(dataset, record, side):
@@ -82,3 +82,13 @@ def test_bag_of_words_reads_every_style_on_held_out_prompts():
 def test_bad_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StylesConfig(**kwargs)
+
+
+def test_the_type_ceiling_grows_with_pairs_and_falls_with_noise():
+    """bayes_type_accuracy: the generator's own posterior tells types apart better with more pairs a user and
+    worse with more label noise; 16 clean pairs identify nearly every user."""
+    def ceiling(**kw):
+        return bayes_type_accuracy(generate(StylesConfig(users=120, seed=3, **kw)))["train_seen"]
+    two, eight, sixteen = ceiling(pairs_per_user=2), ceiling(pairs_per_user=8), ceiling(pairs_per_user=16, noise=0.0)
+    assert two < eight < sixteen and sixteen >= 0.97 and two < 0.85
+    assert ceiling(pairs_per_user=8, noise=0.3) < eight

@@ -36,6 +36,7 @@ import torch
 
 from copl_common.checksums import sha256_file
 from copl_common.registry import Registry, Release
+from graph_service.content_tower import leave_pair_out
 from graph_service.gnn_training import GNNTrainConfig, TrainedGNN, train_gnn
 from graph_service.holdout import Holdout, holdout_split
 from graph_service.snapshot import GraphSnapshot
@@ -76,22 +77,30 @@ class RewardJob:
     model: RewardModelConfig
     training: RMTrainConfig
     texts: Sequence[tuple[str, str, str]]  # (prompt, chosen, rejected) per snapshot row
-    pair_users: torch.Tensor               # (P,) user index per snapshot row
+    triples: torch.Tensor                  # (P, 3) (user, chosen, rejected) indices per snapshot row
     users: torch.Tensor | None             # (U, d) training-graph user embeddings; None: non-personalized
     train_rows: torch.Tensor
     selection_rows: torch.Tensor
     report_rows: torch.Tensor
+    content_side: torch.Tensor | None = None  # (R, k) the content tower's A f_r, when `users` carry its half: each
+    # training pair then comes with its user's embedding without that pair (content_tower.leave_pair_out)
     manifest_extra: dict = field(default_factory=dict)
     progress: bool = True
 
+    def training_examples(self) -> list[PreferenceExample]:
+        """The examples the reward model fits: the train rows, each pair left out of its own user's content half."""
+        if self.users is None or self.content_side is None:
+            return self.examples(self.train_rows)
+        embeddings = leave_pair_out(self.users, self.content_side, self.triples[self.train_rows])   # (N, d)
+        return self._examples(self.train_rows, embeddings)
+
     def examples(self, rows: torch.Tensor) -> list[PreferenceExample]:
         """(user embedding, prompt, chosen, rejected) for the given rows of the snapshot."""
-        out = []
-        for row in rows.tolist():
-            prompt, chosen, rejected = self.texts[row]
-            emb = None if self.users is None else self.users[self.pair_users[row]]
-            out.append(PreferenceExample(emb, prompt, chosen, rejected))
-        return out
+        return self._examples(rows, None if self.users is None else self.users[self.triples[rows, 0]])
+
+    def _examples(self, rows: torch.Tensor, embeddings: torch.Tensor | None) -> list[PreferenceExample]:
+        return [PreferenceExample(None if embeddings is None else embeddings[i], *self.texts[row])
+                for i, row in enumerate(rows.tolist())]
 
 
 def type_one_hot(groups: Sequence[str | None], dim: int) -> torch.Tensor:
@@ -116,7 +125,7 @@ def run_reward_job(job: RewardJob, out_dir: Path, plots: Path | None,
     model = RewardModel(job.model)
     if model_ready is not None:
         model_ready(model)
-    rm_metrics = train_reward_model(model, job.examples(job.train_rows), job.examples(job.selection_rows),
+    rm_metrics = train_reward_model(model, job.training_examples(), job.examples(job.selection_rows),
                                     job.training, out_dir=plots, report=report, progress=job.progress,
                                     sync_gradients=sync_gradients)
     held_out = job.examples(job.report_rows)
@@ -205,8 +214,10 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
 
         # The reward model trains, early-stops and reports on the training-graph embeddings: held-out users'
         # published (full-graph) embeddings have seen their held-out pairs. Serving uses the published ones.
-        job = RewardJob(rm_model_cfg, rm_train_cfg, texts, snapshot.triples[:, 0],
-                        users if request.personalized else None, *holdout,
+        # Its training pairs leave themselves out of their user's content half (RewardJob.training_examples).
+        content_side = checkpoint.response_content if request.user_embeddings == "gnn" else None
+        job = RewardJob(rm_model_cfg, rm_train_cfg, texts, snapshot.triples,
+                        users if request.personalized else None, *holdout, content_side=content_side,
                         manifest_extra={"gnn_checkpoint": {"path": "../gnn",
                                                            "manifest_sha256": sha256_file(gnn_dir / "manifest.json")}},
                         progress=request.progress)

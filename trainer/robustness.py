@@ -13,7 +13,8 @@ trainer.evaluate.evaluate_release (seen: trained embedding, unseen: adapted from
 serving); the oracle is given every test user's true type. gap closed = (copl - baseline) / (oracle -
 baseline), per seen and unseen users. The GNN's own figures: its held-out context accuracy (report part) and
 type separability, the leave-one-out nearest-centroid accuracy of the user embeddings against the true type
-(unseen: their adapted embeddings against the seen users' type centroids).
+(unseen: their adapted embeddings against the seen users' type centroids), beside its ceiling on the styles
+family: the accuracy of the generator's own posterior type from the same pairs (synth_styles.bayes_type_accuracy).
 """
 from __future__ import annotations
 
@@ -53,11 +54,22 @@ class Regime:
     preset: str = "uf-p-2"          # uf-p only
     seed: int = 0
 
+    def _styles(self) -> synth_styles.StylesDataset:
+        return synth_styles.generate(synth_styles.StylesConfig(
+            users=self.users, types=self.types, pairs_per_user=self.pairs, noise=self.noise, mixed=self.mixed,
+            prompts=self.prompts, seed=self.seed))
+
+    def type_ceiling(self) -> dict[str, float | None]:
+        """Styles: the separability no embedding can beat from these context pairs (synth_styles.
+        bayes_type_accuracy), seen and unseen users; uf-p: None (not computed for that family)."""
+        if self.family != "styles":
+            return {"seen": None, "unseen": None}
+        ceiling = synth_styles.bayes_type_accuracy(self._styles())
+        return {"seen": ceiling["train_seen"], "unseen": ceiling["train_unseen"]}
+
     def write_data(self, out: Path) -> None:
         if self.family == "styles":
-            synth_styles.write(synth_styles.generate(synth_styles.StylesConfig(
-                users=self.users, types=self.types, pairs_per_user=self.pairs, noise=self.noise, mixed=self.mixed,
-                prompts=self.prompts, seed=self.seed)), out)
+            synth_styles.write(self._styles(), out)
         elif self.family == "uf-p":
             synth.write(synth.generate(synth.SynthConfig(preset=self.preset, users=self.users, seed=self.seed,
                                                          unseen_fraction=0.2)), out)
@@ -93,15 +105,20 @@ def gap_closed(copl: float | None, baseline: float | None, oracle: float | None,
     return (copl - baseline) / (oracle - baseline)
 
 
-def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False) -> dict:
-    """Train and score the three variants on one regime; every figure of the robustness table."""
+def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False,
+               earlier: dict | None = None) -> dict:
+    """Train and score the three variants on one regime; every figure of the robustness table. Given `earlier`
+    (a row of this regime and profile from a previous run), train only CoPL and take the baseline's and the
+    oracle's figures from it: neither reads the user embeddings, and the regime's data and split are the same
+    (seeded), so only CoPL changes when the embeddings or their use do."""
     data = work / regime.name
     _write_and_ingest_seen(regime, data)
     url = f"sqlite:///{data / 'store.db'}"
+    variants = {"copl": VARIANTS["copl"]} if earlier else VARIANTS
     releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
                                                  make_current=False, progress=progress, **kwargs))
-                for name, kwargs in VARIANTS.items()}
-    return score_regime(regime, data, releases, profile)
+                for name, kwargs in variants.items()}
+    return score_regime(regime, data, releases, profile, earlier)
 
 
 def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
@@ -139,6 +156,7 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
             "separability_seen": separability(ck.user_embeddings, seen_types),
             "separability_unseen": (separability(ck.user_embeddings, seen_types, adapted, [group_of[u] for u in ids])
                                     if ids else None),
+            "type_ceiling": regime.type_ceiling(),
             "seconds": round(seconds, 1)}
 
 
@@ -154,15 +172,18 @@ def trained_releases(data: Path) -> dict[str, Release]:
     return found
 
 
-def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str) -> dict:
-    """Ingest the later users (idempotent) and score the test pairs with each variant's release."""
+def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str,
+                 earlier: dict | None = None) -> dict:
+    """Ingest the later users (idempotent) and score the test pairs with each variant's release (the baseline's
+    and the oracle's figures from `earlier` when given: run_regime)."""
     test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
     test = read_valid_records([data / "test.jsonl"])
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         ingest_files(store, [data / "train_unseen.jsonl"], progress=False)
         scored = {name: evaluate_release(releases[name], test, store, progress=False)
-                  for name in ("baseline", "copl")}
-        scored["oracle"] = _oracle_scores(releases["oracle"], test_rows, data / "train_seen.jsonl")
+                  for name in ("baseline", "copl") if name in releases}
+        if "oracle" in releases:
+            scored["oracle"] = _oracle_scores(releases["oracle"], test_rows, data / "train_seen.jsonl")
         checkpoint, _ = load_release_parts(releases["copl"])
         group_of = {r["user_id"]: r["group"] for r in test_rows}
         unseen_ids = sorted({r["user_id"] for r in map(json.loads, open(data / "train_unseen.jsonl"))})
@@ -170,7 +191,11 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
     seen_types = [group_of[u] for u in checkpoint.user_ids]
     gnn = releases["copl"].manifest["metrics"]["gnn"]
     figures = {v: {"seen": scored[v]["seen"]["accuracy"], "unseen": scored[v]["unseen"]["accuracy"]}
-               for v in VARIANTS}
+               if v in scored else earlier[v] for v in VARIANTS}
+    steps = {v: releases[v].manifest["metrics"]["reward"]["steps"] if v in releases else earlier["reward_steps"][v]
+             for v in VARIANTS}
+    seconds = {v: round(releases[v].manifest["metrics"]["seconds"], 1) if v in releases
+               else earlier["train_seconds"][v] for v in VARIANTS}
     return {
         "regime": asdict(regime), "profile": profile,
         "majority_bound": synth.majority_bound(test_rows),
@@ -181,8 +206,9 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
         "separability_seen": separability(checkpoint.user_embeddings, seen_types),
         "separability_unseen": (separability(checkpoint.user_embeddings, seen_types, adapted,
                                              [group_of[u] for u in unseen_ids]) if adapted is not None else None),
-        "reward_steps": {v: releases[v].manifest["metrics"]["reward"]["steps"] for v in VARIANTS},
-        "train_seconds": {v: round(releases[v].manifest["metrics"]["seconds"], 1) for v in VARIANTS},
+        "type_ceiling": regime.type_ceiling(),
+        "reward_steps": steps, "train_seconds": seconds,
+        "baseline_oracle_from_earlier_run": earlier is not None,
     }
 
 

@@ -272,3 +272,26 @@ def write(dataset: StylesDataset, out_dir: str | Path) -> dict:
                          "majority_bound_test": round(majority_bound(dataset.test), 4)}}
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return counts
+
+
+def bayes_type_accuracy(dataset: StylesDataset) -> dict[str, float]:
+    """The best any user embedding can do at telling users' types apart from their context pairs, per split
+    (train_seen, train_unseen): the accuracy of the posterior-mode type under the generator itself (the true
+    weights and attributes; a label has probability 1 - noise on the type's side, noise against it, 1/2 on a
+    tie), a tie between types counted as the share the true type has. The ceiling for type separability."""
+    attributes = {r["text"]: np.array([r["styles"][s] for s in STYLES]) for r in dataset.responses}
+    noise = max(dataset.config.noise, 1e-6)
+    log_p = np.log([noise, 0.5, 1 - noise])                 # label against / tie / on the type's side
+    out = {}
+    for split in ("train_seen", "train_unseen"):
+        per_user: dict[str, tuple[str, list[np.ndarray]]] = {}
+        for r in getattr(dataset, split):
+            per_user.setdefault(r["user_id"], (r["group"], []))[1].append(attributes[r["chosen"]] - attributes[r["rejected"]])
+        hits = 0.0
+        for group, diffs in per_user.values():
+            side = np.sign(np.array(diffs) @ dataset.weights.T).astype(int)     # (pairs, types) in {-1, 0, 1}
+            loglik = log_p[side + 1].sum(axis=0)                                  # (types,)
+            best = np.flatnonzero(loglik == loglik.max())
+            hits += (int(group.removeprefix("type")) in best) / len(best)
+        out[split] = hits / len(per_user) if per_user else None
+    return out
