@@ -39,13 +39,12 @@ class ContentConfig:
     steps: int = 300               # full-batch AdamW steps, as in the grid sweep that chose the tower (not tuned)
     lr: float = 0.01
     weight_decay: float = 0.01
-    eval_every: int = 5            # steps between checks of the selection loss (when fit_content_tower gets one)
     max_pairs: int = 50_000        # fit on the pairs of a seeded sample of users beyond this: 2 x c x k parameters
                                    # need no more, and a step then costs the same at 1M users as at 10k
 
     def __post_init__(self):
-        if min(self.dim, self.steps, self.eval_every, self.max_pairs) < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("content dim, steps, eval_every and max_pairs must be >= 1, lr > 0, weight_decay >= 0")
+        if self.dim < 1 or self.steps < 1 or self.lr <= 0 or self.weight_decay < 0 or self.max_pairs < 1:
+            raise ValueError("content dim, steps and max_pairs must be >= 1, lr > 0, weight_decay >= 0")
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,6 @@ class ContentTower:
     user_side: torch.Tensor       # (R, k) A f_r: what a response adds to the vector of a user who chose it
     response_side: torch.Tensor   # (R, k) B f_r: the response's half of the score
     final_loss: float
-    best_step: int                # the step whose weights were kept (the last one without selection pairs)
-    selection_loss: float | None  # BPR loss of the kept weights on the selection pairs; None without them
 
     def users(self, triples: torch.Tensor, num_users: int) -> torch.Tensor:
         """(U, k) unit-norm a_u from (P, 3) (user, chosen, rejected) triples; zeros for a user with none."""
@@ -91,10 +88,8 @@ def _differences_and_sums(user_side: torch.Tensor, triples: torch.Tensor, num_us
 
 
 def fit_content_tower(features: torch.Tensor, triples: torch.Tensor, num_users: int, config: ContentConfig,
-                      seed: int = 0, selection: torch.Tensor | None = None) -> ContentTower:
-    """Fit A and B on `triples` (P, 3) over response `features` (R, c), each pair left out of its user's side.
-    With `selection` (held-out triples of the same users), keep the weights of the check with the lowest BPR loss
-    there (every `eval_every` steps): the tower overfits within tens of steps at a few pairs a user."""
+                      seed: int = 0) -> ContentTower:
+    """Fit A and B on `triples` (P, 3) over response `features` (R, c), each pair left out of its user's side."""
     if triples.shape[0] == 0:
         raise ValueError("the content tower needs at least one training pair")
     all_features = features.float()
@@ -103,20 +98,15 @@ def fit_content_tower(features: torch.Tensor, triples: torch.Tensor, num_users: 
         a = torch.nn.Linear(c, config.dim, bias=False)
         b = torch.nn.Linear(c, config.dim, bias=False)
     triples = _sample_users(triples, config.max_pairs, seed)
-    count = torch.bincount(triples[:, 0], minlength=num_users).float()                         # (U,)
-    if selection is None:
-        selection = triples[:0]
-    selection = selection[count[selection[:, 0]] > 0]        # judged by users the tower has a vector for
-    # Only the responses the pairs touch take part in a step: renumber them 0..R'-1.
-    touched, local = torch.unique(torch.cat([triples, selection])[:, 1:], return_inverse=True)
-    local, held_local = local[:len(triples)], local[len(triples):]
+    # Only the responses the (sampled) pairs touch take part in a step: renumber them 0..R'-1.
+    touched, local = torch.unique(triples[:, 1:], return_inverse=True)
     features = all_features.index_select(0, touched)                                            # (R', c)
     u, chosen, rejected = triples[:, 0], local[:, 0], local[:, 1]
+    count = torch.bincount(u, minlength=num_users).float()                                     # (U,)
     others = (count[u] - 1).clamp(min=1)[:, None]                                               # (P, 1)
     optimizer = torch.optim.AdamW([a.weight, b.weight], lr=config.lr, weight_decay=config.weight_decay)
     loss = torch.tensor(math.log(2))
-    best = (math.inf, None, config.steps)                    # (selection loss, (A, B) weights, step)
-    for step in range(1, config.steps + 1):
+    for _ in range(config.steps):
         fa, fb = a(features), b(features)                                                       # (R', k) each
         diff_a = fa.index_select(0, chosen) - fa.index_select(0, rejected)                      # (P, k)
         sums = torch.zeros(num_users, config.dim, device=features.device).index_add_(0, u, diff_a)   # (U, k)
@@ -126,21 +116,8 @@ def fit_content_tower(features: torch.Tensor, triples: torch.Tensor, num_users: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if len(selection) and step % config.eval_every == 0:
-            with torch.no_grad():
-                fa, fb = a(features), b(features)
-                means = torch.zeros(num_users, config.dim, device=features.device).index_add_(
-                    0, u, fa.index_select(0, chosen) - fa.index_select(0, rejected)) / count.clamp(min=1)[:, None]
-                held = (means.index_select(0, selection[:, 0])
-                        * (fb.index_select(0, held_local[:, 0]) - fb.index_select(0, held_local[:, 1]))).sum(dim=1)
-                held_loss = float(-F.logsigmoid(held).mean())
-            if held_loss < best[0]:
-                best = (held_loss, (a.weight.detach().clone(), b.weight.detach().clone()), step)
-    if best[1] is not None:
-        a.weight.data, b.weight.data = best[1]
     with torch.no_grad():
-        return ContentTower(user_side=a(all_features), response_side=b(all_features), final_loss=float(loss),
-                            best_step=best[2], selection_loss=None if best[1] is None else best[0])
+        return ContentTower(user_side=a(all_features), response_side=b(all_features), final_loss=float(loss))
 
 
 def _sample_users(triples: torch.Tensor, max_pairs: int, seed: int) -> torch.Tensor:

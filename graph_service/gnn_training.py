@@ -108,8 +108,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     tower, tower_seconds = None, 0.0
     if config.content is not None:
         start = time.perf_counter()
-        tower = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed,
-                                  selection=selection)
+        tower = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed)
         tower_seconds = time.perf_counter() - start
     joined = _Joiner(tower, train, snapshot.num_users)
     with seeded(config.seed, device):   # nn.Module init draws from the global generators
@@ -180,8 +179,6 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
         "train_seconds": seconds, "content_tower_loss": None if tower is None else tower.final_loss,
         "content_tower_seconds": tower_seconds,
-        "content_tower_best_step": None if tower is None else tower.best_step,
-        "content_tower_selection_loss": None if tower is None else tower.selection_loss,
         **holdout.counts(snapshot.triples),
     })
     plots = {}

@@ -59,30 +59,6 @@ def test_a_pair_never_predicts_itself():
     assert tower.final_loss > math.log(2) - 0.03
 
 
-def test_selection_pairs_stop_the_tower_before_it_overfits():
-    """With held-out pairs the tower keeps its lowest-loss check there: on random labels (nothing to learn but
-    noise to overfit) that is an early step whose held-out loss beats the last step's."""
-    graph = typed_graph(200, num_types=3, pairs_per_user=6, seed=4)
-    triples = graph.snapshot.triples.clone()
-    flip = torch.rand(len(triples), generator=torch.Generator().manual_seed(1)) < 0.5
-    triples[flip, 1], triples[flip, 2] = graph.snapshot.triples[flip, 2], graph.snapshot.triples[flip, 1]
-    held = torch.rand(len(triples), generator=torch.Generator().manual_seed(2)) < 0.2
-    train, selection = triples[~held], triples[held]
-    features, users = _features(graph), graph.snapshot.num_users
-    config = ContentConfig(dim=8, steps=300, lr=0.05)
-
-    def held_out_loss(tower):
-        means = tower.users(train, users)
-        margin = (means[selection[:, 0]] * (tower.response_side[selection[:, 1]]
-                                            - tower.response_side[selection[:, 2]])).sum(1)
-        return float(-F.logsigmoid(margin).mean())
-
-    stopped = fit_content_tower(features, train, users, config, selection=selection)
-    last = fit_content_tower(features, train, users, config)
-    assert stopped.best_step < 300 and last.best_step == 300 and last.selection_loss is None
-    assert held_out_loss(stopped) < held_out_loss(last)
-
-
 def test_checkpoint_round_trip_keeps_the_content_table(sparse, tmp_path):
     _, _, run = sparse
     run.checkpoint.save(tmp_path / "ck")
