@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trainer.profiles import profile  # noqa: E402
-from trainer.robustness import Regime, embedding_figures, run_regime, score_regime, trained_releases  # noqa: E402
+from trainer.robustness import (Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
+                                trained_releases)
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
 # both families. Prompts follow the data size unless set (about 16 users label a training response).
@@ -103,27 +104,6 @@ def embeddings_only(args, regimes: list[Regime]) -> None:
             f"{fmt(r[v]['gnn_report_accuracy'])} | {fmt(r[v]['separability_seen'])} / {fmt(r[v]['separability_unseen'])} "
             f"| {r[v]['seconds']}" for v in variants) + f" | {ceiling(r['graph + content'])} |")
     print(json.dumps({"profile": args.profile, "regimes": rows}))
-
-
-def read_rows(results: Path) -> dict[tuple[str, str], dict]:
-    """The finished regimes in `results` by (regime name, profile), in file order."""
-    rows = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["regime"]["name"], row["profile"]] = row
-    return rows
-
-
-def save_row(results: Path, row: dict) -> None:
-    """Add `row` to `results`, in place of an earlier row of its regime and profile. The file is read again and
-    replaced whole in one rename, so two runs of the grid on one file (different regimes) keep each other's rows."""
-    rows = read_rows(results)
-    rows[row["regime"]["name"], row["profile"]] = row
-    results.parent.mkdir(parents=True, exist_ok=True)
-    partial = results.with_name(f"{results.name}.{os.getpid()}.partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-    partial.replace(results)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.pipeline import type_one_hot
-from trainer.robustness import Regime, gap_closed, run_regime, separability
+from trainer.robustness import Regime, gap_closed, read_rows, run_regime, save_row, separability
 
 
 def test_separability_by_hand():
@@ -27,6 +27,24 @@ def test_gap_closed_and_oracle_one_hot():
         type_one_hot(["x", None], 4)
     with pytest.raises(ValueError, match="do not fit"):
         type_one_hot(["a", "b", "c"], 2)
+
+
+def test_results_file_keeps_one_row_per_regime_and_profile(tmp_path):
+    """save_row replaces a regime's earlier row in place and keeps the others (a second grid run on the same file)."""
+    results = tmp_path / "robustness.jsonl"
+    row = lambda name, profile, gap: {"regime": {"name": name}, "profile": profile, "gap": gap}  # noqa: E731
+    for r in (row("a", "small", 0.1), row("b", "small", 0.2), row("a", "tiny", 0.3), row("a", "small", 0.9)):
+        save_row(results, r)
+    assert [(k, r["gap"]) for k, r in read_rows(results).items()] == [
+        (("a", "small"), 0.9), (("b", "small"), 0.2), (("a", "tiny"), 0.3)]
+    assert [p.name for p in tmp_path.iterdir()] == ["robustness.jsonl"]       # no partial file left behind
+
+
+def test_copl_only_refuses_a_row_of_other_settings(tmp_path):
+    """The baseline and oracle of an earlier row stand in only for the same regime settings (same seeded data)."""
+    earlier = {"regime": {**Regime("r", users=100).__dict__, "users": 120}}
+    with pytest.raises(ValueError, match="other settings"):
+        run_regime(Regime("r", users=100), tmp_path, earlier=earlier)
 
 
 def test_small_styles_regime_copl_closes_most_of_the_gap(tmp_path):

@@ -19,6 +19,7 @@ family: the accuracy of the generator's own posterior type from the same pairs (
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,6 +112,9 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
     (a row of this regime and profile from a previous run), train only CoPL and take the baseline's and the
     oracle's figures from it: neither reads the user embeddings, and the regime's data and split are the same
     (seeded), so only CoPL changes when the embeddings or their use do."""
+    if earlier is not None and earlier["regime"] != asdict(regime):
+        raise ValueError(f"the earlier row of {regime.name} is of other settings ({earlier['regime']}): its baseline "
+                         "and oracle do not apply; run all three variants")
     data = work / regime.name
     _write_and_ingest_seen(regime, data)
     url = f"sqlite:///{data / 'store.db'}"
@@ -119,6 +123,27 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
                                                  make_current=False, progress=progress, **kwargs))
                 for name, kwargs in variants.items()}
     return score_regime(regime, data, releases, profile, earlier)
+
+
+def read_rows(results: Path) -> dict[tuple[str, str], dict]:
+    """The finished regimes in `results` by (regime name, profile), in file order."""
+    rows = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["regime"]["name"], row["profile"]] = row
+    return rows
+
+
+def save_row(results: Path, row: dict) -> None:
+    """Add `row` to `results`, in place of an earlier row of its regime and profile. The file is read again and
+    replaced whole in one rename, so two runs of the grid on one file (different regimes) keep each other's rows."""
+    rows = read_rows(results)
+    rows[row["regime"]["name"], row["profile"]] = row
+    results.parent.mkdir(parents=True, exist_ok=True)
+    partial = results.with_name(f"{results.name}.{os.getpid()}.partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    partial.replace(results)
 
 
 def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
