@@ -48,13 +48,13 @@ def test_copl_only_refuses_a_row_of_other_settings(tmp_path):
 
 
 def test_small_styles_regime_copl_closes_most_of_the_gap(tmp_path):
-    """The smallest regime of the grid (100 users x 8 pairs on 30 prompts, 3 mixed-sign style types, 5% noise)
-    with the default profile, three trainings through the real pipeline (about 5 minutes on 2 cores): the
-    oracle is well above the baseline, and CoPL closes most of that gap, for seen users and for users who
+    """The smallest regime of the grid (100 users x 8 pairs on 30 prompts, 3 mixed-sign style types, 5% noise) with
+    the default profile, three trainings through the real pipeline (125 s on 2 quiet cores, the suite's slowest
+    case): the oracle is well above the baseline, and CoPL closes most of that gap, for seen users and for users who
     arrived after training. Measured (reward model on left-out content halves): gap closed 0.73 / 0.57, CoPL -
-    baseline 0.21 / 0.14, separability 0.89 / 0.86; the unseen part is 21 users x 4 pairs, so its gap closed
-    has a standard error near 0.2. Without the content tower the GNN separated these types at 0.54 / 0.67, and the graph-only
-    release closed 0.03 / -0.02 of the gap on 240 users x 4 pairs (docs/RESULTS.md). Chance would give
+    baseline 0.21 / 0.14, separability 0.89 / 0.86; the unseen part is 21 users x 4 pairs, so its gap closed has a
+    standard error near 0.2. Without the content tower the GNN separated these types at 0.54 / 0.67, and the
+    graph-only release closed 0.03 / -0.02 of the gap on 240 users x 4 pairs (docs/RESULTS.md). Chance would give
     separability 0.33 and a gap near 0; the seen margin of 0.1 is 2.5 standard errors over 316 pairs."""
     row = run_regime(Regime("styles-100x8-p30", users=100, pairs=8, prompts=30), tmp_path)
     for part in ("seen", "unseen"):
