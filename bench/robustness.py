@@ -15,6 +15,7 @@ the regimes there and keeps their baseline and oracle figures (they do not read 
     .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
     .venv/bin/python bench/robustness.py                          # the whole grid (hours on CPU)
     .venv/bin/python bench/robustness.py --embeddings-only        # user embeddings alone, whole grid (minutes)
+Every regime of the results file (this profile) is charted beside it as PNG (docs/robustness.png by default).
 Last line: one JSON object with the per-regime figures, min_gap_closed_seen and min_gap_closed_unseen.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from copl_common.plots import save_gap_chart  # noqa: E402
 from trainer.profiles import profile  # noqa: E402
 from trainer.robustness import (Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
                                 trained_releases)
@@ -106,6 +108,14 @@ def embeddings_only(args, regimes: list[Regime]) -> None:
     print(json.dumps({"profile": args.profile, "regimes": rows}))
 
 
+def save_chart(done: dict[tuple[str, str], dict], profile_name: str, path: Path) -> Path:
+    """Gap closed seen / unseen of every regime of `done` trained with this profile, in grid order."""
+    rows = [done[r.name, profile_name] for r in GRID if (r.name, profile_name) in done]
+    return save_gap_chart(path, [r["regime"]["name"] for r in rows], [r["gap_closed_seen"] for r in rows],
+                          [r["gap_closed_unseen"] for r in rows], goals=(0.6, 0.8),
+                          title=f"Gap closed per regime, profile {profile_name} (goals 0.8; 0.6 at 4 pairs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK}")
@@ -164,6 +174,9 @@ def main() -> None:
     print(table(rows))
     gaps = {part: [r[f"gap_closed_{part}"] for r in rows if r[f"gap_closed_{part}"] is not None]
             for part in ("seen", "unseen")}
+    if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it
+        chart = save_chart(read_rows(results), args.profile, results.with_suffix(".png"))
+        print(f"chart of the {args.profile} regimes in {results}: {chart}", file=sys.stderr)
     print(json.dumps({"profile": args.profile, "regimes": rows,
                       "min_gap_closed_seen": min(gaps["seen"], default=None),
                       "min_gap_closed_unseen": min(gaps["unseen"], default=None)}))

@@ -1,4 +1,4 @@
-"""The figures a training run saves as PNG: training curves and the user-embedding map.
+"""The figures saved as PNG: training curves, the user-embedding map, and the robustness bench's gap chart.
 
 Drawn on matplotlib's object API (Figure + Agg canvas), not pyplot: no global figure state, so
 training in threads or in a Ray worker cannot draw into another run's figure.
@@ -64,6 +64,29 @@ def save_embedding_map(users: torch.Tensor, groups: list[str | None], max_points
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(f"User embeddings ({x.shape[0]:,} of {users.shape[0]:,} users)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def save_gap_chart(path: str | Path, regimes: Sequence[str], seen: Sequence[float | None],
+                   unseen: Sequence[float | None], goals: Sequence[float], title: str) -> Path:
+    """Gap closed per regime, seen and unseen users side by side (horizontal bars, a missing figure drawn
+    as no bar), with the goals as dashed vertical lines."""
+    y = np.arange(len(regimes))
+    fig = Figure(figsize=(10, 0.45 * len(regimes) + 1.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for offset, values, label in ((-0.2, seen, "seen users"), (0.2, unseen, "unseen users (adapted)")):
+        ax.barh(y + offset, [np.nan if v is None else v for v in values], height=0.4, label=label)
+    for goal in goals:
+        ax.axvline(goal, color="black", linestyle="--", linewidth=0.8)
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_yticks(y, list(regimes))
+    ax.invert_yaxis()
+    ax.set_xlabel("gap closed = (CoPL - baseline) / (oracle - baseline)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")   # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)

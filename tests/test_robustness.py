@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from copl_common.plots import save_gap_chart
 from trainer.pipeline import type_one_hot
 from trainer.robustness import Regime, gap_closed, read_rows, run_regime, save_row, separability
 
@@ -45,6 +46,11 @@ def test_copl_only_refuses_a_row_of_other_settings(tmp_path):
     earlier = {"regime": {**Regime("r", users=100).__dict__, "users": 120}}
     with pytest.raises(ValueError, match="other settings"):
         run_regime(Regime("r", users=100), tmp_path, earlier=earlier)
+
+
+def test_gap_chart_is_a_png_and_takes_a_missing_figure(tmp_path):
+    path = save_gap_chart(tmp_path / "gaps.png", ["a", "b"], [0.9, None], [0.5, -0.1], goals=(0.6, 0.8), title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
 def test_small_styles_regime_copl_closes_most_of_the_gap(tmp_path):
