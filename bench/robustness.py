@@ -174,7 +174,8 @@ def main() -> None:
     print(table(rows))
     gaps = {part: [r[f"gap_closed_{part}"] for r in rows if r[f"gap_closed_{part}"] is not None]
             for part in ("seen", "unseen")}
-    if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it
+    if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it, read
+        # again rather than `done`, since another grid run on the same file may have added rows (save_row)
         chart = save_chart(read_rows(results), args.profile, results.with_suffix(".png"))
         print(f"chart of the {args.profile} regimes in {results}: {chart}", file=sys.stderr)
     print(json.dumps({"profile": args.profile, "regimes": rows,
