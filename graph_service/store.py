@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from alembic import command
 from alembic.config import Config
+import sqlalchemy.exc
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
 
 from graph_service.records import PreferenceRecord, content_hash
@@ -245,7 +246,12 @@ class PreferenceStore:
         with self._writing() as conn:
             cursor = conn.connection.cursor()
             write = _write_postgres if dialect == "postgresql" else _write_sqlite
-            inserted = [write(cursor, *table) for table in tables][-1]
+            try:
+                inserted = [write(cursor, *table) for table in tables][-1]
+            except self.engine.dialect.loaded_dbapi.OperationalError as exc:
+                # The raw cursor skips SQLAlchemy's translation: raise what every other store call raises for
+                # the same fault (a read-only file, a dropped connection), so callers see one kind of error.
+                raise sqlalchemy.exc.OperationalError(None, None, exc) from exc
         return IngestResult(inserted=inserted, duplicates=len(batch) - inserted)
 
     # -- reads ----------------------------------------------------------------------------------
