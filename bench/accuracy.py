@@ -8,7 +8,8 @@ trained embedding, later users the adapted one).
 
   copl       MoLE reward model gated by the GNN embedding (the profile's E, k=1)
   uniform    non-personalized baseline: same backbone, one LoRA, no user input
-  E=1        ablation: one expert (routing cannot differ between users)          [uf-p-4 ALL]
+  E=1        ablation: one expert, so routing cannot differ between users (the  [uf-p-4 ALL]
+             profile's user head, where it has one, still reads the embedding)
   random emb ablation: every user embedding replaced by a random unit vector     [uf-p-4 ALL]
 
 The majority bound is the accuracy of the best non-personalized predictor on the test pairs. Nothing that

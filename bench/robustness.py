@@ -8,8 +8,9 @@ no training); beside it the GNN's held-out context accuracy and how well its use
 true types (leave-one-out nearest centroid).
 
 Resumable: one JSON line per finished regime is saved in --results; a regime already there (same name
-and profile) is skipped, so an interrupted grid continues where it stopped. --copl-only retrains only CoPL on
-the regimes there and keeps their baseline and oracle figures (they do not read the user embeddings).
+and profile) is skipped, so an interrupted grid continues where it stopped. --retrain copl retrains only CoPL on
+the regimes there and keeps their baseline and oracle figures (a change to the user embeddings, which neither
+reads); --retrain copl,oracle keeps only the baseline's (a change to the reward model).
 
     .venv/bin/python bench/robustness.py --quick                  # one small styles regime (~2 minutes on 1 core)
     .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
@@ -129,10 +130,10 @@ def main() -> None:
                         help="score the releases already trained under DIR/REGIME (a run stopped after training, "
                              "its work folder kept with --keep) instead of training again")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
-    parser.add_argument("--copl-only", action="store_true",
-                        help="retrain only CoPL on regimes already in --results, keep their baseline and oracle figures "
-                             "(neither reads the user embeddings; same seeded data) and replace their rows; regimes "
-                             "not there yet train all three")
+    parser.add_argument("--retrain", default=None, metavar="VARIANTS",
+                        help="on regimes already in --results, retrain only these variants (copl, or copl,oracle), keep "
+                             "the others' figures (same seeded data) and replace the rows; regimes not there yet "
+                             "train all three")
     parser.add_argument("--embeddings-only", action="store_true",
                         help="train only the profile's GNN, with and without its content tower, and print held-out "
                              "accuracy and type separability per regime (no reward model; seconds a regime)")
@@ -140,6 +141,7 @@ def main() -> None:
     if args.list:
         print("\n".join(r.name for r in GRID))
         return
+    retrain = tuple(args.retrain.split(",")) if args.retrain else ()
     by_name = {r.name: r for r in GRID}
     names = [QUICK] if args.quick else (args.regimes.split(",") if args.regimes else list(by_name))
     unknown = [n for n in names if n not in by_name]
@@ -155,7 +157,7 @@ def main() -> None:
         start = time.perf_counter()
         for i, name in enumerate(names):
             earlier = done.get((name, args.profile))
-            if earlier and not args.copl_only:
+            if earlier and not retrain:
                 print(f"[{i + 1}/{len(names)}] {name}: already in {results}", file=sys.stderr)
                 continue
             print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
@@ -163,7 +165,8 @@ def main() -> None:
                 data = args.rescore / name
                 row = score_regime(by_name[name], data, trained_releases(data), args.profile)
             else:
-                row = run_regime(by_name[name], work, args.profile, earlier=earlier if args.copl_only else None)
+                row = run_regime(by_name[name], work, args.profile, earlier=earlier if retrain else None,
+                                 retrain=retrain or ("copl",))
             done[name, args.profile] = row
             save_row(results, row)
             print(f"[{i + 1}/{len(names)}] {name}: gap closed {fmt(row['gap_closed_seen'])} seen, "

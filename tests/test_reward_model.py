@@ -21,18 +21,20 @@ RESPONSES = ["Knead, rest, bake at 220 C.", "Gravity bends a straight path into 
 
 
 def randomize(model: RewardModel) -> RewardModel:
-    """Non-zero LoRA B (fresh ones are zero) so that users and experts change the scores."""
+    """Non-zero LoRA B and user-head Q (fresh ones are zero) so that users and experts change the scores."""
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in model.mole_layers.values():
             layer.lora_B.normal_(0, 0.2)
+        if model.user_head is not None:
+            model.user_head.user.weight.normal_(0, 0.2)
     return model.eval()
 
 
 @pytest.fixture(scope="module")
 def mole_model():
     # fp32 on the CPU: these tests check the math exactly (the CUDA/bf16 path: test_reward_model_cuda.py)
-    cfg = RewardModelConfig(max_length=48, device="cpu", dtype="float32",
+    cfg = RewardModelConfig(max_length=48, device="cpu", dtype="float32", user_head_rank=4,
                             mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))
     return randomize(RewardModel(cfg))
 
@@ -88,6 +90,7 @@ def test_gradients_reach_adapters_gates_head_not_backbone(mole_model):
         assert layer.lora_A.grad[used].abs().sum() > 0 and layer.lora_B.grad[used].abs().sum() > 0, f"experts {name}"
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.gate.parameters()), f"gate {name}"
     assert model.head.weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in model.user_head.parameters())
     frozen = [n for n, p in model.backbone.named_parameters() if "lora_" not in n and "gate" not in n]
     assert frozen and all(model.backbone.get_parameter(n).grad is None for n in frozen)
     assert all(not model.backbone.get_parameter(n).requires_grad for n in frozen)
@@ -117,12 +120,29 @@ def test_save_load_round_trip_and_checksums(mole_model, tmp_path):
 
 
 def test_baseline_is_one_setting_and_takes_no_user():
-    model = RewardModel(RewardModelConfig(max_length=48, mole=MoLEConfig(user_dim=D_USER, personalized=False)))
-    assert not any("gate" in n for n in model.trainable_parameters())
+    model = RewardModel(RewardModelConfig(max_length=48, user_head_rank=4,
+                                          mole=MoLEConfig(user_dim=D_USER, personalized=False)))
+    assert not any("gate" in n or "user_head" in n for n in model.trainable_parameters())
     assert all(layer.lora_A.shape[0] == 1 for layer in model.mole_layers.values())
     assert model.score(PROMPTS[0], RESPONSES).shape == (3,)
     with pytest.raises(ValueError, match="no user embedding"):
         model.score(PROMPTS[0], RESPONSES, torch.randn(D_USER))
+
+
+def test_user_head_starts_at_the_shared_reward_then_personalizes_alone():
+    """Q starts at zero, so a fresh model scores as one without the head; once Q moves, users score differently
+    even with every expert's LoRA at zero (the head is a path from the embedding to the reward of its own)."""
+    def fresh(rank: int) -> RewardModel:
+        return RewardModel(RewardModelConfig(max_length=48, device="cpu", dtype="float32", user_head_rank=rank,
+                                             mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4)))
+    with_head, without = fresh(4), fresh(0)
+    users = torch.randn(3, D_USER)
+    for u in users:
+        torch.testing.assert_close(with_head.score(PROMPTS[0], RESPONSES, u), without.score(PROMPTS[0], RESPONSES, u))
+    with torch.no_grad():
+        with_head.user_head.user.weight.normal_(0, 0.2)
+    scores = torch.stack([with_head.score(PROMPTS[0], RESPONSES, u) for u in users])  # (users, responses)
+    assert (scores - scores[0]).abs().max() > 1e-3
 
 
 def test_decoder_backbone_last_token_pooling(llama_dir):
@@ -142,8 +162,10 @@ def test_decoder_backbone_last_token_pooling(llama_dir):
 
 def test_frozen_prefix_path_equals_full_forward():
     """Encoding the unadapted bottom blocks once and running only the top ones gives the full forward's scores."""
-    model = randomize(RewardModel(RewardModelConfig(max_length=48, device="cpu", dtype="float32", mole=MoLEConfig(
-        user_dim=D_USER, num_experts=4, rank=4, target_modules=("query", "value", "output.dense"), last_n_layers=2))))
+    model = randomize(RewardModel(RewardModelConfig(max_length=48, device="cpu", dtype="float32", user_head_rank=4,
+                                                    mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4,
+                                                                    target_modules=("query", "value", "output.dense"),
+                                                                    last_n_layers=2))))
     assert model.frozen_blocks == 4
     users = torch.randn(len(PROMPTS), D_USER)
     with torch.no_grad():

@@ -41,11 +41,16 @@ def test_results_file_keeps_one_row_per_regime_and_profile(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["robustness.jsonl"]       # no partial file left behind
 
 
-def test_copl_only_refuses_a_row_of_other_settings(tmp_path):
-    """The baseline and oracle of an earlier row stand in only for the same regime settings (same seeded data)."""
-    earlier = {"regime": {**Regime("r", users=100).__dict__, "users": 120}}
+def test_retrain_refuses_a_row_of_other_settings_and_unknown_variants(tmp_path):
+    """The baseline and oracle of an earlier row stand in only for the same regime settings (same seeded data),
+    and a retrain always includes CoPL, the variant the row is about."""
+    regime = Regime("r", users=100)
     with pytest.raises(ValueError, match="other settings"):
-        run_regime(Regime("r", users=100), tmp_path, earlier=earlier)
+        run_regime(regime, tmp_path, earlier={"regime": {**regime.__dict__, "users": 120}})
+    for retrain in (("oracle",), ("copl", "orcale")):
+        with pytest.raises(ValueError, match="retrain names variants"):
+            run_regime(regime, tmp_path, earlier={"regime": dict(regime.__dict__)}, retrain=retrain)
+    assert not (tmp_path / "r").exists()                      # refused before writing any data
 
 
 def test_gap_chart_is_a_png_and_takes_a_missing_figure(tmp_path):

@@ -107,18 +107,21 @@ def gap_closed(copl: float | None, baseline: float | None, oracle: float | None,
 
 
 def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False,
-               earlier: dict | None = None) -> dict:
+               earlier: dict | None = None, retrain: tuple[str, ...] = ("copl",)) -> dict:
     """Train and score the three variants on one regime; every figure of the robustness table. Given `earlier`
-    (a row of this regime and profile from a previous run), train only CoPL and take the baseline's and the
-    oracle's figures from it: neither reads the user embeddings, and the regime's data and split are the same
-    (seeded), so only CoPL changes when the embeddings or their use do."""
+    (a row of this regime and profile from a previous run), train only the `retrain` variants and take the others'
+    figures from it: the regime's data and split are the same (seeded). A change to the user embeddings retrains
+    CoPL only (the baseline and the oracle do not read them); a change to the reward model, CoPL and the oracle."""
     if earlier is not None and earlier["regime"] != asdict(regime):
         raise ValueError(f"the earlier row of {regime.name} is of other settings ({earlier['regime']}): its baseline "
                          "and oracle do not apply; run all three variants")
+    unknown = set(retrain) - set(VARIANTS)
+    if unknown or "copl" not in retrain:
+        raise ValueError(f"retrain names variants of {sorted(VARIANTS)}, copl among them; got {sorted(retrain)}")
     data = work / regime.name
     _write_and_ingest_seen(regime, data)
     url = f"sqlite:///{data / 'store.db'}"
-    variants = {"copl": VARIANTS["copl"]} if earlier else VARIANTS
+    variants = {v: VARIANTS[v] for v in (retrain if earlier else VARIANTS)}
     releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
                                                  make_current=False, progress=progress, **kwargs))
                 for name, kwargs in variants.items()}
@@ -200,7 +203,7 @@ def trained_releases(data: Path) -> dict[str, Release]:
 def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str,
                  earlier: dict | None = None) -> dict:
     """Ingest the later users (idempotent) and score the test pairs with each variant's release (the baseline's
-    and the oracle's figures from `earlier` when given: run_regime)."""
+    and the oracle's figures from `earlier` when they were not retrained: run_regime)."""
     test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
     test = read_valid_records([data / "test.jsonl"])
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
