@@ -15,8 +15,8 @@ User head: with `user_head_rank` m > 0 the reward adds a bilinear user term besi
 starts from the shared reward). Not in the paper. The MoLE gate routes each user to one expert, so the embedding
 reaches the reward only through a discrete choice that trained gates make the same for most users when the
 embedding separates the types weakly (issue 8: 173 of 192 users on one expert at 4 pairs a user); the head is a
-dense, graded path from the embedding to the reward that every pair trains. Measured on the styles family at 4
-pairs a user: CoPL 0.656 -> 0.690 seen, 0.708 -> 0.734 unseen (docs/RESULTS.md has the grid).
+dense, graded path from the embedding to the reward that every pair trains. Off in every profile: it helped the
+sparse styles regimes and cost uf-p-4 ALL 0.07 (docs/RESULTS.md).
 
 Saved form: `weights.safetensors` (adapters, gates, head; the backbone is named, not copied) and
 `manifest.json` (backbone, settings, sha256 of every file, caller extras such as the GNN checkpoint
