@@ -43,7 +43,7 @@ _TARGETS = ("query", "value", "output.dense")
 
 # The reward model of `small` (and `content`). Top two blocks only, so the frozen bottom blocks run once per
 # distinct text (training.py, _PairTexts).
-# No user head (reward_model.py): rank 16 raised CoPL on 6 of 8 sparse styles regimes (+0.02 to +0.08) but took
+# No user head (reward_model.py): rank 16 raised CoPL on 6 of 8 sparse styles regimes (+0.015 to +0.078) but took
 # uf-p-4 ALL at 1,000 users from 0.944 / 0.953 to 0.872 / 0.888 seen / unseen (docs/RESULTS.md).
 _SMALL_RM = RewardModelConfig(max_length=96, mole=MoLEConfig(target_modules=_TARGETS, last_n_layers=2))
 # lr 1e-3: a sweep on uf-p-4 ALL (1,000 users, 250 steps, fp32) gave test accuracy 0.887/0.770/0.952 over three
