@@ -236,7 +236,9 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
                                              [group_of[u] for u in unseen_ids]) if adapted is not None else None),
         "type_ceiling": regime.type_ceiling(),
         "reward_steps": steps, "train_seconds": seconds,
-        "baseline_oracle_from_earlier_run": earlier is not None,
+        # variants whose figures come from the earlier row (rows written before --retrain say
+        # baseline_oracle_from_earlier_run instead)
+        "from_earlier_run": sorted(v for v in VARIANTS if v not in releases),
     }
 
 
