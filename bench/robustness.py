@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from copl_common.plots import save_gap_chart  # noqa: E402
 from trainer.profiles import profile  # noqa: E402
-from trainer.robustness import (Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
+from trainer.robustness import (VARIANTS, Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
                                 trained_releases)
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
@@ -142,6 +142,8 @@ def main() -> None:
         print("\n".join(r.name for r in GRID))
         return
     retrain = tuple(args.retrain.split(",")) if args.retrain else ()
+    if retrain and ("copl" not in retrain or not set(retrain) <= set(VARIANTS)):   # before any regime trains
+        sys.exit(f"error: --retrain names variants of {', '.join(VARIANTS)}, copl among them; got {args.retrain!r}")
     by_name = {r.name: r for r in GRID}
     names = [QUICK] if args.quick else (args.regimes.split(",") if args.regimes else list(by_name))
     unknown = [n for n in names if n not in by_name]
