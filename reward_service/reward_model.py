@@ -15,8 +15,8 @@ User head: with `user_head_rank` m > 0 the reward adds a bilinear user term besi
 starts from the shared reward). Not in the paper. The MoLE gate routes each user to one expert, so the embedding
 reaches the reward only through a discrete choice that trained gates make the same for most users when the
 embedding separates the types weakly (issue 8: 173 of 192 users on one expert at 4 pairs a user); the head is a
-dense, graded path from the embedding to the reward that every pair trains. Off in every profile: it helped the
-sparse styles regimes and cost uf-p-4 ALL 0.07 (docs/RESULTS.md).
+dense, graded path from the embedding to the reward. reward_service/training.py fits it after the adapters and keeps
+it only where the selection pairs gain (trained jointly, it cost uf-p-4 ALL 0.07: docs/RESULTS.md).
 
 Saved form: `weights.safetensors` (adapters, gates, head; the backbone is named, not copied) and
 `manifest.json` (backbone, settings, sha256 of every file, caller extras such as the GNN checkpoint
@@ -174,12 +174,17 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids and mask, (B, d_user) user embeddings -> (B,) fp32 rewards."""
+        return self.reward_from_pooled(self.pooled(input_ids, attention_mask, user_emb, token_type_ids), user_emb)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled last hidden states (B, hidden) fp32 that the heads read (`forward` without the heads)."""
         self._check_user_emb(user_emb, input_ids.shape[0])
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         user_emb = None if user_emb is None else user_emb.to(self.device)
         with route(self.mole_layers, user_emb):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        return self._reward(hidden, attention_mask, user_emb)
+        return self._pool(hidden, attention_mask)
 
     def _check_user_emb(self, user_emb: torch.Tensor | None, batch: int) -> None:
         if user_emb is not None and (user_emb.dim() != 2 or user_emb.shape != (batch, self.cfg.mole.user_dim)):
@@ -231,6 +236,10 @@ class RewardModel(nn.Module):
 
     def forward_frozen(self, states: Sequence[torch.Tensor], user_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (B,) from `encode_frozen` outputs: runs only the adapted blocks, pooling and head."""
+        return self.reward_from_pooled(self.pooled_frozen(states, user_emb), user_emb)
+
+    def pooled_frozen(self, states: Sequence[torch.Tensor], user_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled last hidden states (B, hidden) fp32 from `encode_frozen` outputs: the adapted blocks and pooling."""
         if self.frozen_blocks == 0:
             raise ValueError("every block carries adapters: there is no frozen prefix to start from")
         self._check_user_emb(user_emb, len(states))
@@ -242,10 +251,10 @@ class RewardModel(nn.Module):
         with self._blocks_replaced(frozen), route(self.mole_layers, user_emb):
             # inputs_embeds only fixes the shape: the first stand-in block discards what the embeddings make of it
             out = self.backbone(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
-        return self._reward(out, mask, user_emb)
+        return self._pool(out, mask)
 
-    def _reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, user_emb: torch.Tensor | None) -> torch.Tensor:
-        """Pooling and heads: (B, T, d) last hidden states, (B, d_user) user embeddings -> (B,) fp32 rewards."""
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) last hidden states -> (B, d) fp32 pooled states."""
         hidden = hidden.float()  # (B, T, d)
         mask = attention_mask.to(hidden.dtype)  # (B, T)
         if self.pooling == "mean":
@@ -254,9 +263,13 @@ class RewardModel(nn.Module):
             positions = torch.arange(mask.shape[1], device=mask.device)  # (T,)
             last = (mask * positions).argmax(dim=1)  # (B,) index of the last real token, either padding side
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, d)
+        return pooled
+
+    def reward_from_pooled(self, pooled: torch.Tensor, user_emb: torch.Tensor | None) -> torch.Tensor:
+        """The heads: (B, d) pooled states, (B, d_user) user embeddings -> (B,) fp32 rewards."""
         reward = self.head(pooled).squeeze(-1)  # (B,)
         if self.user_head is not None:
-            reward = reward + self.user_head(pooled, user_emb)
+            reward = reward + self.user_head(pooled, user_emb.to(pooled.device))
         return reward
 
     @torch.inference_mode()

@@ -52,17 +52,23 @@ class RMTrainConfig:
     frozen_cache_gb: float = 4.0  # memory for the frozen-prefix states of the distinct training texts (bound:
     # texts x max_length x hidden x dtype bytes); above it, or at 0, every step runs the whole backbone
     seed: int = 0  # data order, gate noise and dropout
+    # The user head (reward_model.py), when the model has one, is fitted after the adapters, on their pooled states
+    # (full batch, AdamW); the selection pairs' loss picks its step, and step 0 is the head at zero (no user term).
+    head_lr: float = 1e-2
+    head_max_steps: int = 300
+    head_patience: int = 30  # steps without a lower selection loss
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience", "min_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batch_size", "patience", "min_steps",
+                     "head_max_steps", "head_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.frozen_cache_gb < 0:
             raise ValueError("frozen_cache_gb must be >= 0")
         if self.eval_max_pairs is not None and self.eval_max_pairs < 1:
             raise ValueError("eval_max_pairs must be >= 1 or None")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("lr must be > 0 and warmup_steps >= 0")
+        if self.lr <= 0 or self.head_lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("lr and head_lr must be > 0 and warmup_steps >= 0")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError("epochs must be > 0 or None")
 
@@ -101,17 +107,38 @@ class _PairTexts:
             except FrozenPrefixUnsupported:
                 pass  # an optimization only: every pass runs the whole backbone instead
 
-    def margins(self, model: RewardModel, rows: Sequence[int]) -> torch.Tensor:
-        """r(chosen) - r(rejected) (B,) for the examples at `rows`; chosen and rejected run in one pass."""
+    def pooled(self, model: RewardModel, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled states (2B, hidden) of the chosen then the rejected responses of the examples at `rows` (one
+        pass), and the users' embeddings (2B, d_user) in the same order (None for the baseline)."""
         ids = [self.chosen[i] for i in rows] + [self.rejected[i] for i in rows]
         users = None if self.users is None else self.users[list(rows) * 2].to(model.device)  # (2B, d_user)
         if self.states is not None:
-            rewards = model.forward_frozen([self.states[j] for j in ids], users)
-        else:
-            enc = model.tokenize([self.texts[j][0] for j in ids], [self.texts[j][1] for j in ids])
-            rewards = model(**enc, user_emb=users)
-        chosen, rejected = rewards.chunk(2)
+            return model.pooled_frozen([self.states[j] for j in ids], users), users
+        enc = model.tokenize([self.texts[j][0] for j in ids], [self.texts[j][1] for j in ids])
+        return model.pooled(**enc, user_emb=users), users
+
+    def margins(self, model: RewardModel, rows: Sequence[int]) -> torch.Tensor:
+        """r(chosen) - r(rejected) (B,) for the examples at `rows`."""
+        pooled, users = self.pooled(model, rows)
+        chosen, rejected = model.reward_from_pooled(pooled, users).chunk(2)
         return chosen - rejected
+
+    @torch.no_grad()
+    def pooled_differences(self, model: RewardModel, rows: Sequence[int], batch_size: int,
+                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled chosen minus pooled rejected (N, hidden) and the users (N, d_user), in eval mode: what a head
+        that is linear in the pooled state sees of a pair."""
+        was_training = model.training
+        model.eval()
+        diffs, users = [], []
+        for i in tqdm(range(0, len(rows), batch_size), desc="user head features", unit="batch", disable=not progress,
+                      leave=False):
+            pooled, u = self.pooled(model, rows[i:i + batch_size])
+            chosen, rejected = pooled.chunk(2)
+            diffs.append(chosen - rejected)
+            users.append(u.chunk(2)[0])
+        model.train(was_training)
+        return torch.cat(diffs), torch.cat(users)
 
     @torch.no_grad()
     def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int, bar: tqdm | None = None) -> torch.Tensor:
@@ -216,7 +243,7 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
            cfg: RMTrainConfig, report: Callable[[dict[str, Any]], None] | None, progress: bool,
            sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)  # data order
-    params = list(model.trainable_parameters().values())
+    params = [p for name, p in model.trainable_parameters().items() if not name.startswith("user_head.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps, min_lr_rate=0.0)
     # one table for both: selection pairs reuse the training responses, so their frozen states too
@@ -274,8 +301,11 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
             for name, p in model.trainable_parameters().items():
                 p.copy_(best["state"][name])
     model.eval()
+    head = _fit_user_head(model, texts, list(range(len(train))), selection_rows, cfg, sync_gradients, progress)
     if not selection_rows:
         final = {"loss": None, "accuracy": None}
+    elif head is not None:  # scored on the whole selection part with the kept head
+        final = {"loss": head["selection_loss"], "accuracy": head["selection_accuracy"]}
     elif check_rows is selection_rows:
         final = {"loss": best["loss"], "accuracy": best["accuracy"]}
     else:  # the checks saw a subset: score the kept weights on the whole selection part
@@ -284,4 +314,53 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
             "selection_pairs": len(selection), "checked_pairs": len(check_rows),
             "best_check_accuracy": best["accuracy"] if best["state"] is not None else None,
             "best_step": best["step"] if best["state"] is not None else step, "steps": step,
-            "stopped_early": stopped_early, "history": history, "config": asdict(cfg)}
+            "stopped_early": stopped_early, "user_head": head, "history": history, "config": asdict(cfg)}
+
+
+def _fit_user_head(model: RewardModel, texts: _PairTexts, train_rows: list[int], selection_rows: list[int],
+                   cfg: RMTrainConfig, sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None,
+                   progress: bool) -> dict[str, Any] | None:
+    """Fit the user head on the trained adapters' pooled states; keep the step with the lowest selection loss.
+
+    After the adapters, not with them: trained jointly, the head took over what the gates carry where they already
+    route users by type (uf-p-4 ALL fell 0.07, docs/RESULTS.md). Here the adapters are final, the head only adds
+    what they missed, and step 0 (the head at zero) is kept unless the selection pairs say otherwise. Both heads are
+    linear in the pooled state, so a pair's margin is w . (h_c - h_r) + <P (h_c - h_r), Q u> and each pair is
+    encoded once. Metrics: None without a head or selection pairs (the head stays at zero)."""
+    head = model.user_head
+    if head is None or not selection_rows:
+        return None
+    train_diff, train_users = texts.pooled_differences(model, train_rows, cfg.eval_batch_size, progress)
+    sel_diff, sel_users = texts.pooled_differences(model, selection_rows, cfg.eval_batch_size, progress)
+    weight = model.head.weight[0].detach()
+
+    def margins(diff: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        return diff @ weight + head(diff, users)
+
+    def selection() -> dict[str, float]:
+        with torch.no_grad():
+            return _loss_accuracy(margins(sel_diff, sel_users).cpu())
+
+    params = list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=0.0)
+    start = selection()
+    best = {**start, "step": 0, "state": [p.detach().clone() for p in params]}
+    step, since_best = 0, 0
+    while step < cfg.head_max_steps and since_best < cfg.head_patience:
+        opt.zero_grad(set_to_none=True)
+        (-F.logsigmoid(margins(train_diff, train_users)).mean()).backward()
+        if sync_gradients is not None:
+            sync_gradients(params)
+        opt.step()
+        step += 1
+        checked = selection()
+        if checked["loss"] < best["loss"]:
+            best, since_best = {**checked, "step": step, "state": [p.detach().clone() for p in params]}, 0
+        else:
+            since_best += 1
+    with torch.no_grad():
+        for p, kept in zip(params, best["state"]):
+            p.copy_(kept)
+    return {"best_step": best["step"], "steps": step, "selection_loss_at_zero": start["loss"],
+            "selection_accuracy_at_zero": start["accuracy"], "selection_loss": best["loss"],
+            "selection_accuracy": best["accuracy"]}

@@ -286,6 +286,7 @@ def test_two_reward_workers_train_data_parallel(ray_local, tmp_path):
         settings=RaySettings(reward_workers=2, reward_cpus_per_worker=0.5))
     reward = release.manifest["metrics"]["reward"]
     assert reward["steps"] == 6 and reward["selection_pairs"] > 0 and reward["report_accuracy"] is not None
+    assert reward["user_head"]["steps"] >= 1  # fitted after the adapters, gradients averaged over both workers
     assert Registry(tmp_path / "registry").current_id() == release.id
 
 

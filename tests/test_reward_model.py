@@ -276,3 +276,31 @@ def test_reward_training_length_follows_the_data_size():
     assert small.epochs is None and RMTrainConfig(max_steps=123).sized_for(10).max_steps == 123
     with pytest.raises(ValueError, match="epochs"):
         RMTrainConfig(epochs=0)
+
+
+def test_user_head_is_fitted_after_the_adapters_and_personalizes_where_they_do_not():
+    """The adapters train exactly as without a head; then the head alone, on adapters that had one step (too few
+    to personalize), lifts the selection pairs of two opposite tastes far above chance."""
+    prof = profile("tiny")
+    cfg = replace(prof.reward_training, max_steps=1, eval_every=1)
+    train, val = toy_data(8, 12, 0), toy_data(4, 8, 1)
+    runs = {}
+    for rank in (0, 4):
+        model = RewardModel(replace(prof.reward_model, user_head_rank=rank))
+        runs[rank] = (model, train_reward_model(model, train, val, cfg, progress=False))
+    (plain, plain_metrics), (headed, metrics) = runs[0], runs[4]
+    for name, p in plain.trainable_parameters().items():
+        assert torch.equal(p, headed.trainable_parameters()[name]), name
+    assert plain_metrics["user_head"] is None
+    head = metrics["user_head"]
+    assert head["selection_accuracy_at_zero"] < 0.7 and head["selection_accuracy"] >= 0.9, head
+    assert metrics["selection_accuracy"] == head["selection_accuracy"]
+    assert pair_margins(headed, val).gt(0).float().mean().item() == pytest.approx(head["selection_accuracy"])
+    # selection pairs that contradict the training tastes: every step of the head's fit raises their loss, so it
+    # stays at zero and the model scores exactly as the one without a head
+    flipped = [ex._replace(chosen=ex.rejected, rejected=ex.chosen) for ex in val]
+    refused = RewardModel(replace(prof.reward_model, user_head_rank=4))
+    metrics = train_reward_model(refused, train, flipped, cfg, progress=False)
+    assert metrics["user_head"]["best_step"] == 0 and metrics["user_head"]["steps"] == cfg.head_patience
+    assert not refused.user_head.user.weight.any()
+    torch.testing.assert_close(pair_margins(refused, val), pair_margins(plain, val))
