@@ -53,7 +53,9 @@ class UserEmbeddingResolver:
         content-hash pairs, used instead of the store for that user."""
         context = context or {}
         idx = self.checkpoint.user_indices(list(user_ids))                       # (B,), -1 unseen
-        embeddings = torch.empty(len(user_ids), self.checkpoint.dim)
+        # dtype explicit: the default dtype is process-wide, and a model load in another thread (transformers sets
+        # it while it builds a bf16 backbone) would otherwise hand this request a bf16 buffer
+        embeddings = torch.empty(len(user_ids), self.checkpoint.dim, dtype=self.checkpoint.user_embeddings.dtype)
         sources = [Source.TRAINED] * len(user_ids)
         seen = idx >= 0
         embeddings[seen] = self.checkpoint.user_embeddings[idx[seen]]

@@ -54,7 +54,7 @@ def load_reward_release(release: Release, device: str = "auto", dtype: str = "au
     model = RewardModel.load(release.reward_dir, device=device, dtype=dtype)   # verifies the weights' sha256
     model.merge_shared()   # inference only: the shared LoRA folded into the frozen weights
     loaded = RewardRelease(model)
-    user = F.normalize(torch.ones(loaded.user_dim), dim=0)
+    user = F.normalize(torch.ones(loaded.user_dim, dtype=torch.float32), dim=0)  # dtype: see user_embeddings.py
     for n in (1, 8):  # smoke score, and warm-up of the kernels for one and for several pairs
         enc = model.encode_texts(["How do I keep basil alive?"] * n, [f"Water it when the soil is dry ({i})."
                                                                      for i in range(n)])

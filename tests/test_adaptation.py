@@ -116,3 +116,19 @@ def test_quality_on_typed_users_seen_and_unseen():
     unseen = evaluate_pairs(ck, result.embeddings[test[:, 0]], test[:, 1], test[:, 2])
     assert seen >= 0.90, (seen, unseen)
     assert unseen >= seen - 0.05, (seen, unseen)
+
+
+def test_resolved_embeddings_keep_the_tables_dtype_whatever_the_default_dtype(trained):
+    """A backbone load in another thread of the same process sets torch's process-wide default dtype to bf16 for a
+    moment (seen as a refused graph release in a hot-swap test); resolving must not pick it up."""
+    from graph_service.user_embeddings import UserEmbeddingResolver
+    graph, ck = trained
+    resolver = UserEmbeddingResolver(ck)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        out = resolver.resolve([ck.user_ids[0], "newcomer"], context={"newcomer": _pairs_of(graph, 0)})
+    finally:
+        torch.set_default_dtype(before)
+    assert out.embeddings.dtype == ck.user_embeddings.dtype
+    torch.testing.assert_close(out.embeddings[0], ck.user_embeddings[0])

@@ -106,7 +106,10 @@ def test_score_many_through_the_stream_reports_item_errors(live, client):
     assert results[7].error.code == "INVALID_ARGUMENT"
     assert all(r.ok and len(r.scores) == 2 and r.release_id == live.release.id for i, r in enumerate(results) if i != 7)
     one = client.score(pairs[3]["user_id"], pairs[3]["prompt"], [pairs[3]["chosen"], pairs[3]["rejected"]])
-    assert results[3].scores == pytest.approx(one.scores, rel=0.02, abs=0.05)   # bf16, other batch neighbours
+    # bf16 with other batch neighbours: rounding of the hidden states, so an error that grows with the scores' scale
+    # (a kept user head can raise it: reward_service/training.py)
+    scale = max(abs(s) for s in one.scores)
+    assert results[3].scores == pytest.approx(one.scores, rel=0.02, abs=0.05 + 0.01 * scale)
 
 
 def test_copl_eval_through_the_service_prints_what_the_in_process_eval_prints(live):
