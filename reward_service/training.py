@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,6 +85,17 @@ class RMTrainConfig:
                        warmup_steps=min(self.warmup_steps, steps // 20), epochs=None)
 
 
+@contextmanager
+def _eval_mode(model: RewardModel) -> Iterator[None]:
+    """Eval mode (no gate noise, no dropout) for the block; the caller's mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class _PairTexts:
     """The distinct (prompt, response) texts of a set of examples, each example pointing at two of them.
 
@@ -128,29 +140,25 @@ class _PairTexts:
                            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled chosen minus pooled rejected (N, hidden) and the users (N, d_user), in eval mode: what a head
         that is linear in the pooled state sees of a pair."""
-        was_training = model.training
-        model.eval()
         diffs, users = [], []
-        for i in tqdm(range(0, len(rows), batch_size), desc="user head features", unit="batch", disable=not progress,
-                      leave=False):
-            pooled, u = self.pooled(model, rows[i:i + batch_size])
-            chosen, rejected = pooled.chunk(2)
-            diffs.append(chosen - rejected)
-            users.append(u.chunk(2)[0])
-        model.train(was_training)
+        with _eval_mode(model):
+            for i in tqdm(range(0, len(rows), batch_size), desc="user head features", unit="batch",
+                          disable=not progress, leave=False):
+                pooled, u = self.pooled(model, rows[i:i + batch_size])
+                chosen, rejected = pooled.chunk(2)
+                diffs.append(chosen - rejected)
+                users.append(u.chunk(2)[0])
         return torch.cat(diffs), torch.cat(users)
 
     @torch.no_grad()
     def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int, bar: tqdm | None = None) -> torch.Tensor:
         """Margins (N,) on the CPU in eval mode (no gate noise, no dropout); `bar` advances by pairs."""
-        was_training = model.training
-        model.eval()
         out = []
-        for i in range(0, len(rows), batch_size):
-            out.append(self.margins(model, rows[i:i + batch_size]).float().cpu())
-            if bar is not None:
-                bar.update(len(out[-1]))
-        model.train(was_training)
+        with _eval_mode(model):
+            for i in range(0, len(rows), batch_size):
+                out.append(self.margins(model, rows[i:i + batch_size]).float().cpu())
+                if bar is not None:
+                    bar.update(len(out[-1]))
         return torch.cat(out)
 
 
@@ -243,7 +251,10 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
            cfg: RMTrainConfig, report: Callable[[dict[str, Any]], None] | None, progress: bool,
            sync_gradients: Callable[[list[torch.nn.Parameter]], None] | None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)  # data order
-    params = [p for name, p in model.trainable_parameters().items() if not name.startswith("user_head.")]
+    head_params = [] if model.user_head is None else list(model.user_head.parameters())
+    for p in head_params:  # fitted after the adapters (_fit_user_head): no gradients, no snapshots until then
+        p.requires_grad_(False)
+    params = list(model.trainable_parameters().values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps, min_lr_rate=0.0)
     # one table for both: selection pairs reuse the training responses, so their frozen states too
@@ -301,6 +312,8 @@ def _train(model: RewardModel, train: Sequence[PreferenceExample], selection: Se
             for name, p in model.trainable_parameters().items():
                 p.copy_(best["state"][name])
     model.eval()
+    for p in head_params:
+        p.requires_grad_(True)
     head = _fit_user_head(model, texts, list(range(len(train))), selection_rows, cfg, sync_gradients, progress)
     if not selection_rows:
         final = {"loss": None, "accuracy": None}

@@ -292,6 +292,8 @@ def test_user_head_is_fitted_after_the_adapters_and_personalizes_where_they_do_n
     for name, p in plain.trainable_parameters().items():
         assert torch.equal(p, headed.trainable_parameters()[name]), name
     assert plain_metrics["user_head"] is None
+    # frozen while the adapters trained, trainable again after: the release saves and loads the head's weights
+    assert {"user_head.response.weight", "user_head.user.weight"} <= set(headed.trainable_parameters())
     head = metrics["user_head"]
     assert head["selection_accuracy_at_zero"] < 0.7 and head["selection_accuracy"] >= 0.9, head
     assert metrics["selection_accuracy"] == head["selection_accuracy"]
