@@ -296,6 +296,7 @@ def test_user_head_is_fitted_after_the_adapters_and_personalizes_where_they_do_n
     assert {"user_head.response.weight", "user_head.user.weight"} <= set(headed.trainable_parameters())
     head = metrics["user_head"]
     assert head["selection_accuracy_at_zero"] < 0.7 and head["selection_accuracy"] >= 0.9, head
+    assert head["kept_step"] == head["best_step"] > 0 and head["gain_z"] >= cfg.head_min_z, head
     assert metrics["selection_accuracy"] == head["selection_accuracy"]
     assert pair_margins(headed, val).gt(0).float().mean().item() == pytest.approx(head["selection_accuracy"])
     # selection pairs that contradict the training tastes: every step of the head's fit raises their loss, so it
@@ -306,3 +307,10 @@ def test_user_head_is_fitted_after_the_adapters_and_personalizes_where_they_do_n
     assert metrics["user_head"]["best_step"] == 0 and metrics["user_head"]["steps"] == cfg.head_patience
     assert not refused.user_head.user.weight.any()
     torch.testing.assert_close(pair_margins(refused, val), pair_margins(plain, val))
+    # a real gain that is not enough standard errors above zero is refused too: the head stays at zero
+    unproven = RewardModel(replace(prof.reward_model, user_head_rank=4))
+    metrics = train_reward_model(unproven, train, val, replace(cfg, head_min_z=1e6), progress=False)["user_head"]
+    assert metrics["best_step"] > 0 and metrics["kept_step"] == 0 and metrics["gain_z"] < 1e6, metrics
+    assert metrics["selection_loss"] == metrics["selection_loss_at_zero"]
+    assert not unproven.user_head.user.weight.any()
+    torch.testing.assert_close(pair_margins(unproven, val), pair_margins(plain, val))

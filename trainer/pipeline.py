@@ -18,8 +18,9 @@ nothing looks at before training ends. The release's metrics (metrics.json, and 
                     the report part), best_step, steps, train_seconds
   reward            selection_accuracy / selection_loss (kept weights, whole selection part), report_accuracy,
                     report_loss, selection_pairs, checked_pairs, best_check_accuracy, best_step, steps,
-                    stopped_early, user_head (the head's fit after the adapters: best_step, steps, selection loss
-                    and accuracy at zero and kept; None without a head), config
+                    stopped_early, user_head (the head's fit after the adapters: best_step (lowest selection
+                    loss), gain_z (its per-pair loss drop in standard errors), kept_step (0: left at zero), steps,
+                    selection loss and accuracy at zero and kept; None without a head), config
   seconds           wall time of the whole run
 A selection_* figure picked the weights, so it is optimistic; only report_* figures are held out.
 """
