@@ -73,6 +73,17 @@ class RewardModelConfig:
             raise ValueError("user_head_rank must be >= 0")
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode (no gate noise, no dropout) for the block; the module's earlier mode after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 class FrozenPrefixUnsupported(ValueError):
     """This backbone's blocks cannot be cached (they return tuples, not a hidden-state tensor)."""
 
@@ -215,10 +226,8 @@ class RewardModel(nn.Module):
         hook = self._blocks[self.frozen_blocks - 1].register_forward_hook(lambda _m, _a, out: captured.append(out))
         skip_rest = {i: _PassThrough() for i in range(self.frozen_blocks, len(self._blocks))}
         states: list[torch.Tensor] = []
-        was_training = self.backbone.training
-        self.backbone.eval()
         try:
-            with self._blocks_replaced(skip_rest):
+            with eval_mode(self.backbone), self._blocks_replaced(skip_rest):
                 starts = range(0, len(prompts), batch_size)
                 for start in tqdm(starts, desc="frozen blocks", unit="batch", disable=not progress, leave=False):
                     enc = self.tokenize(prompts[start:start + batch_size], responses[start:start + batch_size], "right")
@@ -231,7 +240,6 @@ class RewardModel(nn.Module):
                     states += [h[m] for h, m in zip(captured[0], mask)]
         finally:
             hook.remove()
-            self.backbone.train(was_training)
         return states
 
     def forward_frozen(self, states: Sequence[torch.Tensor], user_emb: torch.Tensor | None = None) -> torch.Tensor:

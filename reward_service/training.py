@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from copl_common.plots import save_training_curve
 from copl_common.seeding import seeded
-from reward_service.reward_model import FrozenPrefixUnsupported, RewardModel
+from reward_service.reward_model import FrozenPrefixUnsupported, RewardModel, eval_mode
 
 
 class PreferenceExample(NamedTuple):
@@ -90,17 +89,6 @@ class RMTrainConfig:
                        warmup_steps=min(self.warmup_steps, steps // 20), epochs=None)
 
 
-@contextmanager
-def _eval_mode(model: RewardModel) -> Iterator[None]:
-    """Eval mode (no gate noise, no dropout) for the block; the caller's mode after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class _PairTexts:
     """The distinct (prompt, response) texts of a set of examples, each example pointing at two of them.
 
@@ -146,7 +134,7 @@ class _PairTexts:
         """Pooled chosen minus pooled rejected (N, hidden) and the users (N, d_user), in eval mode: what a head
         that is linear in the pooled state sees of a pair."""
         diffs, users = [], []
-        with _eval_mode(model):
+        with eval_mode(model):
             for i in tqdm(range(0, len(rows), batch_size), desc="user head features", unit="batch",
                           disable=not progress, leave=False):
                 pooled, u = self.pooled(model, rows[i:i + batch_size])
@@ -159,7 +147,7 @@ class _PairTexts:
     def eval_margins(self, model: RewardModel, rows: Sequence[int], batch_size: int, bar: tqdm | None = None) -> torch.Tensor:
         """Margins (N,) on the CPU in eval mode (no gate noise, no dropout); `bar` advances by pairs."""
         out = []
-        with _eval_mode(model):
+        with eval_mode(model):
             for i in range(0, len(rows), batch_size):
                 out.append(self.margins(model, rows[i:i + batch_size]).float().cpu())
                 if bar is not None:
