@@ -10,12 +10,15 @@ true types (leave-one-out nearest centroid).
 Resumable: one JSON line per finished regime is saved in --results; a regime already there (same name
 and profile) is skipped, so an interrupted grid continues where it stopped. --retrain copl retrains only CoPL on
 the regimes there and keeps their baseline and oracle figures (a change to the user embeddings, which neither
-reads); --retrain copl,oracle keeps only the baseline's (a change to the reward model).
+reads); --retrain copl,oracle keeps only the baseline's (a change to the reward model). --reward-seed N trains the
+reward models at another seed (same data, same GNN), saved as rows of their own: where the results file holds a
+regime at several seeds, the headline figures are the means over them, printed beside every seed's gap closed.
 
     .venv/bin/python bench/robustness.py --quick                  # one small styles regime (~2 minutes on 1 core)
     .venv/bin/python bench/robustness.py --regimes styles-240x8,styles-240x4
     .venv/bin/python bench/robustness.py                          # the whole grid (hours on CPU)
     .venv/bin/python bench/robustness.py --embeddings-only        # user embeddings alone, whole grid (minutes)
+    .venv/bin/python bench/robustness.py --regimes styles-240x4 --reward-seed 1   # a second seed of one regime
 Every regime of the results file (this profile) is charted beside it as PNG (docs/robustness.png by default).
 Last line: one JSON object with the per-regime figures, min_gap_closed_seen and min_gap_closed_unseen.
 """
@@ -37,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from copl_common.plots import save_gap_chart  # noqa: E402
 from trainer.profiles import profile  # noqa: E402
 from trainer.robustness import (VARIANTS, Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
-                                trained_releases)
+                                seed_summary, trained_releases)
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
 # both families. Prompts follow the data size unless set (about 16 users label a training response).
@@ -65,7 +68,7 @@ def fmt(x) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| regime | users x pairs | noise | bound | baseline s/u | CoPL s/u | oracle s/u | gap closed s/u "
-            "| GNN held-out | separability s/u | type ceiling s/u | RM steps b/c/o |")
+            "| GNN held-out | separability s/u | type ceiling s/u | RM steps b/c/o | RM seed |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         g = r["regime"]
@@ -75,7 +78,22 @@ def table(rows: list[dict]) -> str:
                      f"| {fmt(r['majority_bound'])} | {su('baseline')} | {su('copl')} | {su('oracle')} "
                      f"| {fmt(r['gap_closed_seen'])} / {fmt(r['gap_closed_unseen'])} | {fmt(r['gnn_report_accuracy'])} "
                      f"| {fmt(r['separability_seen'])} / {fmt(r['separability_unseen'])} | {ceiling(r)} "
-                     f"| {'/'.join(str(r['reward_steps'][v]) for v in ('baseline', 'copl', 'oracle'))} |")
+                     f"| {'/'.join(str(r['reward_steps'][v]) for v in ('baseline', 'copl', 'oracle'))} "
+                     f"| {r.get('reward_seed', 0)} |")
+    return "\n".join(lines)
+
+
+def seeds_table(summary: list[dict]) -> str:
+    """Regimes run at several reward-model seeds: the means, the gap closed of the means, each seed's gap closed."""
+    head = ("| regime | RM seeds | baseline s/u | CoPL s/u | oracle s/u | gap closed of the means s/u "
+            "| gap closed per seed: seen | unseen |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in summary:
+        su = lambda v: f"{fmt(r[v]['seen'])} / {fmt(r[v]['unseen'])}"  # noqa: E731
+        per_seed = lambda part: ", ".join(fmt(g) for g in r[f"gap_closed_{part}_per_seed"])  # noqa: E731
+        lines.append(f"| {r['regime']} | {', '.join(map(str, r['reward_seeds']))} | {su('baseline')} | {su('copl')} "
+                     f"| {su('oracle')} | {fmt(r['gap_closed_seen'])} / {fmt(r['gap_closed_unseen'])} "
+                     f"| {per_seed('seen')} | {per_seed('unseen')} |")
     return "\n".join(lines)
 
 
@@ -109,10 +127,12 @@ def embeddings_only(args, regimes: list[Regime]) -> None:
     print(json.dumps({"profile": args.profile, "regimes": rows}))
 
 
-def save_chart(done: dict[tuple[str, str], dict], profile_name: str, path: Path) -> Path:
-    """Gap closed seen / unseen of every regime of `done` trained with this profile, in grid order."""
-    rows = [done[r.name, profile_name] for r in GRID if (r.name, profile_name) in done]
-    return save_gap_chart(path, [r["regime"]["name"] for r in rows], [r["gap_closed_seen"] for r in rows],
+def save_chart(done: dict[tuple[str, str, int], dict], profile_name: str, path: Path) -> Path:
+    """Gap closed seen / unseen of every regime of `done` trained with this profile (the mean over its seeds), in
+    grid order."""
+    by_name = {s["regime"]: s for s in seed_summary(r for k, r in done.items() if k[1] == profile_name)}
+    rows = [by_name[r.name] for r in GRID if r.name in by_name]
+    return save_gap_chart(path, [r["regime"] for r in rows], [r["gap_closed_seen"] for r in rows],
                           [r["gap_closed_unseen"] for r in rows], goals=(0.6, 0.8),
                           title=f"Gap closed per regime, profile {profile_name} (goals 0.8; 0.6 at 4 pairs)")
 
@@ -134,6 +154,8 @@ def main() -> None:
                         help="on regimes already in --results, retrain only these variants (copl, or copl,oracle), keep "
                              "the others' figures (same seeded data) and replace the rows; regimes not there yet "
                              "train all three")
+    parser.add_argument("--reward-seed", type=int, default=0,
+                        help="the reward models' seed (default 0, the profile's); rows of each seed are kept apart")
     parser.add_argument("--embeddings-only", action="store_true",
                         help="train only the profile's GNN, with and without its content tower, and print held-out "
                              "accuracy and type separability per regime (no reward model; seconds a regime)")
@@ -158,32 +180,40 @@ def main() -> None:
         done = read_rows(results)
         start = time.perf_counter()
         for i, name in enumerate(names):
-            earlier = done.get((name, args.profile))
+            earlier = done.get((name, args.profile, args.reward_seed))
             if earlier and not retrain:
                 print(f"[{i + 1}/{len(names)}] {name}: already in {results}", file=sys.stderr)
                 continue
             print(f"[{i + 1}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
             if args.rescore:
                 data = args.rescore / name
-                row = score_regime(by_name[name], data, trained_releases(data), args.profile)
+                row = score_regime(by_name[name], data, trained_releases(data), args.profile,
+                                   reward_seed=args.reward_seed)
             else:
                 row = run_regime(by_name[name], work, args.profile, earlier=earlier if retrain else None,
-                                 retrain=retrain or ("copl",))
-            done[name, args.profile] = row
+                                 retrain=retrain or ("copl",), reward_seed=args.reward_seed)
+            done[name, args.profile, args.reward_seed] = row
             save_row(results, row)
             print(f"[{i + 1}/{len(names)}] {name}: gap closed {fmt(row['gap_closed_seen'])} seen, "
                   f"{fmt(row['gap_closed_unseen'])} unseen", file=sys.stderr, flush=True)
-    rows = [done[n, args.profile] for n in names]
+        # read again rather than `done`: another grid run on the same file may have added rows (save_row)
+        latest = read_rows(results)
+    rows = [done[n, args.profile, args.reward_seed] for n in names]
     print(f"profile {args.profile}; s/u = seen / unseen users; bound = majority bound of the test pairs; "
           f"{time.perf_counter() - start:.0f} s this run")
     print(table(rows))
-    gaps = {part: [r[f"gap_closed_{part}"] for r in rows if r[f"gap_closed_{part}"] is not None]
+    # the headline: each regime over every seed the results file holds of it (one seed: its row)
+    summary = seed_summary(r for k, r in latest.items() if k[0] in names and k[1] == args.profile)
+    several = [s for s in summary if len(s["reward_seeds"]) > 1]
+    if several:
+        print(f"\nmean over the reward-model seeds in {results}")
+        print(seeds_table(several))
+    gaps = {part: [s[f"gap_closed_{part}"] for s in summary if s[f"gap_closed_{part}"] is not None]
             for part in ("seen", "unseen")}
-    if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it, read
-        # again rather than `done`, since another grid run on the same file may have added rows (save_row)
-        chart = save_chart(read_rows(results), args.profile, results.with_suffix(".png"))
+    if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it
+        chart = save_chart(latest, args.profile, results.with_suffix(".png"))
         print(f"chart of the {args.profile} regimes in {results}: {chart}", file=sys.stderr)
-    print(json.dumps({"profile": args.profile, "regimes": rows,
+    print(json.dumps({"profile": args.profile, "regimes": rows, "seed_means": several,
                       "min_gap_closed_seen": min(gaps["seen"], default=None),
                       "min_gap_closed_unseen": min(gaps["unseen"], default=None)}))
 

@@ -2,12 +2,15 @@
 regime through the real pipeline, where CoPL must close most of the gap between the baseline and the oracle."""
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 import torch
 
 from copl_common.plots import save_gap_chart
-from trainer.pipeline import type_one_hot
-from trainer.robustness import Regime, gap_closed, read_rows, run_regime, save_row, separability
+from trainer.evaluate import load_release_parts
+from trainer.pipeline import TrainRequest, train_release, type_one_hot
+from trainer.robustness import Regime, gap_closed, read_rows, run_regime, save_row, seed_summary, separability
 
 
 def test_separability_by_hand():
@@ -30,15 +33,48 @@ def test_gap_closed_and_oracle_one_hot():
         type_one_hot(["a", "b", "c"], 2)
 
 
-def test_results_file_keeps_one_row_per_regime_and_profile(tmp_path):
-    """save_row replaces a regime's earlier row in place and keeps the others (a second grid run on the same file)."""
+def test_results_file_keeps_one_row_per_regime_profile_and_seed(tmp_path):
+    """save_row replaces a regime's earlier row in place and keeps the others (a second grid run on the same file);
+    a row without a reward-model seed (written before seeds were recorded) is seed 0's."""
     results = tmp_path / "robustness.jsonl"
-    row = lambda name, profile, gap: {"regime": {"name": name}, "profile": profile, "gap": gap}  # noqa: E731
-    for r in (row("a", "small", 0.1), row("b", "small", 0.2), row("a", "tiny", 0.3), row("a", "small", 0.9)):
+    row = lambda name, profile, gap, **seed: {"regime": {"name": name}, "profile": profile, "gap": gap, **seed}  # noqa: E731
+    for r in (row("a", "small", 0.1), row("b", "small", 0.2), row("a", "tiny", 0.3), row("a", "small", 0.4, reward_seed=1),
+              row("a", "small", 0.9, reward_seed=0)):
         save_row(results, r)
     assert [(k, r["gap"]) for k, r in read_rows(results).items()] == [
-        (("a", "small"), 0.9), (("b", "small"), 0.2), (("a", "tiny"), 0.3)]
+        (("a", "small", 0), 0.9), (("b", "small", 0), 0.2), (("a", "tiny", 0), 0.3), (("a", "small", 1), 0.4)]
     assert [p.name for p in tmp_path.iterdir()] == ["robustness.jsonl"]       # no partial file left behind
+
+
+def test_seed_summary_averages_each_variant_then_closes_the_gap():
+    """Over seeds the gap closed is that of the mean accuracies (a ratio of means, steadier than a mean of ratios
+    when one seed's oracle lands near its baseline), beside every seed's own gap closed."""
+    def row(name, seed, copl, unseen_copl=None):
+        figures = {"baseline": {"seen": 0.6, "unseen": 0.6}, "oracle": {"seen": 0.8 + 0.1 * seed, "unseen": 0.9},
+                   "copl": {"seen": copl, "unseen": unseen_copl}}
+        return {"regime": {"name": name}, "profile": "small", "reward_seed": seed, **figures,
+                "gap_closed_seen": gap_closed(copl, 0.6, 0.8 + 0.1 * seed),
+                "gap_closed_unseen": gap_closed(unseen_copl, 0.6, 0.9)}
+    a, b = seed_summary([row("a", 0, 0.7, 0.75), row("b", 0, 0.8), row("a", 1, 0.75, 0.9)])
+    assert a["reward_seeds"] == [0, 1] and a["copl"]["seen"] == pytest.approx(0.725)
+    assert a["oracle"]["seen"] == pytest.approx(0.85) and a["baseline"]["unseen"] == pytest.approx(0.6)
+    assert a["gap_closed_seen"] == pytest.approx(0.125 / 0.25) and a["gap_closed_unseen"] == pytest.approx(0.225 / 0.3)
+    assert a["gap_closed_seen_per_seed"] == pytest.approx([0.5, 0.5]) and a["gap_closed_unseen_per_seed"] == pytest.approx([0.5, 1.0])
+    assert b["reward_seeds"] == [0] and b["gap_closed_seen"] == pytest.approx(1.0)
+    assert b["copl"]["unseen"] is None and b["gap_closed_unseen"] is None      # a missing figure stays missing
+
+
+def test_reward_seed_reseeds_the_reward_model_and_leaves_the_user_embeddings(tiny_release, tmp_path):
+    """A second reward-model seed on the same data (the session's release, same snapshot): the GNN's tables are the
+    same to the bit, the reward model's settings and the release's manifest carry the new seed."""
+    until = datetime.fromisoformat(tiny_release.release.manifest["snapshot_time"])
+    release = train_release(TrainRequest(db_url=tiny_release.db_url, registry=tmp_path / "registry", profile="tiny",
+                                         until=until, reward_seed=7, reward_max_steps=2, make_current=False,
+                                         progress=False))
+    (gnn, model), (gnn0, model0) = load_release_parts(release), load_release_parts(tiny_release.release)
+    assert gnn.user_ids == gnn0.user_ids and torch.equal(gnn.user_embeddings, gnn0.user_embeddings)
+    assert (model.cfg.seed, model0.cfg.seed) == (7, 0)
+    assert (release.manifest["reward"]["seed"], tiny_release.release.manifest["reward"]["seed"]) == (7, 0)
 
 
 def test_retrain_refuses_a_row_of_other_settings_and_unknown_variants(tmp_path):
@@ -50,6 +86,8 @@ def test_retrain_refuses_a_row_of_other_settings_and_unknown_variants(tmp_path):
     for retrain in (("oracle",), ("copl", "orcale")):
         with pytest.raises(ValueError, match="retrain names variants"):
             run_regime(regime, tmp_path, earlier={"regime": dict(regime.__dict__)}, retrain=retrain)
+    with pytest.raises(ValueError, match="reward-model seed 0, not 2"):
+        run_regime(regime, tmp_path, earlier={"regime": dict(regime.__dict__)}, reward_seed=2)
     assert not (tmp_path / "r").exists()                      # refused before writing any data
 
 

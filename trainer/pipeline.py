@@ -64,6 +64,8 @@ class TrainRequest:
                                            # "oracle" by the one-hot of the user's stored group (the true type on
                                            # synthetic data): the ceiling a perfect user embedding would reach
     reward_max_steps: int | None = None    # smoke runs: fewer reward-model steps than the profile's
+    reward_seed: int | None = None         # the reward model's seed (adapter, gate and head init; data order, gate
+                                           # noise, dropout); None: the profile's. Same data, other seeds: a run's spread
     device: str | None = None              # reward model device; None: the profile's ("auto")
     make_current: bool = True              # False: publish only (no gate decision, CURRENT untouched)
     max_regression: float = DEFAULT_MAX_REGRESSION  # quality gate: how much worse than the current release's
@@ -180,6 +182,9 @@ def train_release(request: TrainRequest, report: Callable[[dict[str, Any]], None
         mole = replace(mole, num_experts=request.num_experts, top_k=min(mole.top_k, request.num_experts))
     rm_model_cfg = replace(prof.reward_model, mole=mole)
     rm_train_cfg = prof.reward_training
+    if request.reward_seed is not None:
+        rm_model_cfg = replace(rm_model_cfg, seed=request.reward_seed)
+        rm_train_cfg = replace(rm_train_cfg, seed=request.reward_seed)
     if request.reward_max_steps is not None:
         rm_train_cfg = replace(rm_train_cfg, max_steps=request.reward_max_steps,
                                warmup_steps=min(rm_train_cfg.warmup_steps, request.reward_max_steps - 1))
@@ -241,7 +246,7 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
             "data": {"users": snapshot.num_users, "responses": snapshot.num_responses,
                      "preferences": int(snapshot.triples.shape[0])},
             "gnn": {"dir": "gnn", "dim": checkpoint.dim, "settings": asdict(prof.gnn)},
-            "reward": {"dir": "reward", "backbone": rm_model_cfg.backbone},
+            "reward": {"dir": "reward", "backbone": rm_model_cfg.backbone, "seed": rm_train_cfg.seed},
             "metrics": metrics,
         }
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from trainer.pipeline import TrainRequest, train_release, type_one_hot
 from trainer.response_features import snapshot_features
 
 VARIANTS = {"baseline": {"personalized": False}, "copl": {}, "oracle": {"user_embeddings": "oracle"}}
+PARTS = ("seen", "unseen")
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,19 @@ def gap_closed(copl: float | None, baseline: float | None, oracle: float | None,
 
 
 def run_regime(regime: Regime, work: Path, profile: str = "small", progress: bool = False,
-               earlier: dict | None = None, retrain: tuple[str, ...] = ("copl",)) -> dict:
+               earlier: dict | None = None, retrain: tuple[str, ...] = ("copl",), reward_seed: int = 0) -> dict:
     """Train and score the three variants on one regime; every figure of the robustness table. Given `earlier`
     (a row of this regime and profile from a previous run), train only the `retrain` variants and take the others'
     figures from it: the regime's data and split are the same (seeded). A change to the user embeddings retrains
-    CoPL only (the baseline and the oracle do not read them); a change to the reward model, CoPL and the oracle."""
+    CoPL only (the baseline and the oracle do not read them); a change to the reward model, CoPL and the oracle.
+    `reward_seed` seeds the three reward models (the data and the GNN stay the same): rows of several seeds of
+    one regime give a run's spread (seed_summary)."""
     if earlier is not None and earlier["regime"] != asdict(regime):
         raise ValueError(f"the earlier row of {regime.name} is of other settings ({earlier['regime']}): its baseline "
                          "and oracle do not apply; run all three variants")
+    if earlier is not None and row_seed(earlier) != reward_seed:
+        raise ValueError(f"the earlier row of {regime.name} is of reward-model seed {row_seed(earlier)}, not "
+                         f"{reward_seed}: its baseline and oracle are other models; run all three variants")
     unknown = set(retrain) - set(VARIANTS)
     if unknown or "copl" not in retrain:
         raise ValueError(f"retrain names variants of {sorted(VARIANTS)}, copl among them; got {sorted(retrain)}")
@@ -123,30 +130,62 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
     url = f"sqlite:///{data / 'store.db'}"
     variants = {v: VARIANTS[v] for v in (retrain if earlier else VARIANTS)}
     releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
-                                                 make_current=False, progress=progress, **kwargs))
+                                                 make_current=False, progress=progress, reward_seed=reward_seed,
+                                                 **kwargs))
                 for name, kwargs in variants.items()}
-    return score_regime(regime, data, releases, profile, earlier)
+    return score_regime(regime, data, releases, profile, earlier, reward_seed)
 
 
-def read_rows(results: Path) -> dict[tuple[str, str], dict]:
-    """The finished regimes in `results` by (regime name, profile), in file order."""
+def row_seed(row: dict) -> int:
+    return row.get("reward_seed", 0)     # rows written before seeds were recorded ran the profile's seed, 0
+
+
+def row_key(row: dict) -> tuple[str, str, int]:
+    return row["regime"]["name"], row["profile"], row_seed(row)
+
+
+def read_rows(results: Path) -> dict[tuple[str, str, int], dict]:
+    """The finished regimes in `results` by (regime name, profile, reward-model seed), in file order."""
     rows = {}
     if results.exists():
         for line in results.read_text().splitlines():
             row = json.loads(line)
-            rows[row["regime"]["name"], row["profile"]] = row
+            rows[row_key(row)] = row
     return rows
 
 
 def save_row(results: Path, row: dict) -> None:
-    """Add `row` to `results`, in place of an earlier row of its regime and profile. The file is read again and
-    replaced whole in one rename, so two runs of the grid on one file (different regimes) keep each other's rows."""
+    """Add `row` to `results`, in place of an earlier row of its regime, profile and seed. The file is read again
+    and replaced whole in one rename, so two runs of the grid on one file (other regimes or seeds) keep each
+    other's rows."""
     rows = read_rows(results)
-    rows[row["regime"]["name"], row["profile"]] = row
+    rows[row_key(row)] = row
     results.parent.mkdir(parents=True, exist_ok=True)
     partial = results.with_name(f"{results.name}.{os.getpid()}.partial")
     partial.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
     partial.replace(results)
+
+
+def seed_summary(rows: Iterable[dict]) -> list[dict]:
+    """One entry per regime and profile (in file order) over the reward-model seeds its rows ran at: each variant's
+    accuracy averaged over the seeds, the gap closed of those means, and every seed's own gap closed (the spread).
+    A regime run at one seed is that row's figures."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row_key(row)[:2], []).append(row)
+    summary = []
+    for (name, profile), group in groups.items():
+        mean = {v: {part: _mean([r[v][part] for r in group]) for part in PARTS} for v in VARIANTS}
+        summary.append({
+            "regime": name, "profile": profile, "reward_seeds": [row_seed(r) for r in group], **mean,
+            **{f"gap_closed_{part}": gap_closed(*(mean[v][part] for v in ("copl", "baseline", "oracle")))
+               for part in PARTS},
+            **{f"gap_closed_{part}_per_seed": [r[f"gap_closed_{part}"] for r in group] for part in PARTS}})
+    return summary
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else sum(values) / len(values)
 
 
 def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
@@ -201,7 +240,7 @@ def trained_releases(data: Path) -> dict[str, Release]:
 
 
 def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profile: str,
-                 earlier: dict | None = None) -> dict:
+                 earlier: dict | None = None, reward_seed: int = 0) -> dict:
     """Ingest the later users (idempotent) and score the test pairs with each variant's release (the baseline's
     and the oracle's figures from `earlier` when they were not retrained: run_regime)."""
     test_rows = [json.loads(line) for line in open(data / "test.jsonl")]
@@ -225,7 +264,7 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
     seconds = {v: round(releases[v].manifest["metrics"]["seconds"], 1) if v in releases
                else earlier["train_seconds"][v] for v in VARIANTS}
     return {
-        "regime": asdict(regime), "profile": profile,
+        "regime": asdict(regime), "profile": profile, "reward_seed": reward_seed,
         "majority_bound": synth.majority_bound(test_rows),
         **figures,
         "gap_closed_seen": gap_closed(*(figures[v]["seen"] for v in ("copl", "baseline", "oracle"))),
