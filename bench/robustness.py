@@ -134,7 +134,8 @@ def save_chart(done: dict[tuple[str, str, int], dict], profile_name: str, path: 
     rows = [by_name[r.name] for r in GRID if r.name in by_name]
     return save_gap_chart(path, [r["regime"] for r in rows], [r["gap_closed_seen"] for r in rows],
                           [r["gap_closed_unseen"] for r in rows], goals=(0.6, 0.8),
-                          title=f"Gap closed per regime, profile {profile_name} (goals 0.8; 0.6 at 4 pairs)")
+                          title=f"Gap closed per regime, profile {profile_name} (goals 0.8; 0.6 at 4 pairs)\n"
+                                "a regime run at several reward-model seeds: of the mean accuracies")
 
 
 def main() -> None:
