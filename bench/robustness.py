@@ -39,8 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from copl_common.plots import save_gap_chart  # noqa: E402
 from trainer.profiles import profile  # noqa: E402
-from trainer.robustness import (VARIANTS, Regime, embedding_figures, read_rows, run_regime, save_row, score_regime,  # noqa: E402
-                                seed_summary, trained_releases)
+from trainer.robustness import (PARTS, VARIANTS, Regime, embedding_figures, read_rows, row_seed, run_regime,  # noqa: E402
+                                save_row, score_regime, seed_summary, trained_releases)
 
 # users 100-1,000; context pairs 4 / 8 / 16; noise 0-10%; prompts ~30-300; mixed and one-attribute types;
 # both families. Prompts follow the data size unless set (about 16 users label a training response).
@@ -79,7 +79,7 @@ def table(rows: list[dict]) -> str:
                      f"| {fmt(r['gap_closed_seen'])} / {fmt(r['gap_closed_unseen'])} | {fmt(r['gnn_report_accuracy'])} "
                      f"| {fmt(r['separability_seen'])} / {fmt(r['separability_unseen'])} | {ceiling(r)} "
                      f"| {'/'.join(str(r['reward_steps'][v]) for v in ('baseline', 'copl', 'oracle'))} "
-                     f"| {r.get('reward_seed', 0)} |")
+                     f"| {row_seed(r)} |")
     return "\n".join(lines)
 
 
@@ -193,13 +193,12 @@ def main() -> None:
             else:
                 row = run_regime(by_name[name], work, args.profile, earlier=earlier if retrain else None,
                                  retrain=retrain or ("copl",), reward_seed=args.reward_seed)
-            done[name, args.profile, args.reward_seed] = row
             save_row(results, row)
             print(f"[{i + 1}/{len(names)}] {name}: gap closed {fmt(row['gap_closed_seen'])} seen, "
                   f"{fmt(row['gap_closed_unseen'])} unseen", file=sys.stderr, flush=True)
         # read again rather than `done`: another grid run on the same file may have added rows (save_row)
         latest = read_rows(results)
-    rows = [done[n, args.profile, args.reward_seed] for n in names]
+    rows = [latest[n, args.profile, args.reward_seed] for n in names]
     print(f"profile {args.profile}; s/u = seen / unseen users; bound = majority bound of the test pairs; "
           f"{time.perf_counter() - start:.0f} s this run")
     print(table(rows))
@@ -209,8 +208,7 @@ def main() -> None:
     if several:
         print(f"\nmean over the reward-model seeds in {results}")
         print(seeds_table(several))
-    gaps = {part: [s[f"gap_closed_{part}"] for s in summary if s[f"gap_closed_{part}"] is not None]
-            for part in ("seen", "unseen")}
+    gaps = {part: [s[f"gap_closed_{part}"] for s in summary if s[f"gap_closed_{part}"] is not None] for part in PARTS}
     if args.results or not args.quick:   # a results file that outlives the run: chart every regime in it
         chart = save_chart(latest, args.profile, results.with_suffix(".png"))
         print(f"chart of the {args.profile} regimes in {results}: {chart}", file=sys.stderr)
