@@ -171,6 +171,8 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     with torch.no_grad():                        # the kept weights on the graph they trained on
         users, responses = joined(*model(adj))
     report_accuracy = _accuracy_loss(users, responses, report)[0] if report.shape[0] else None
+    graph_half = (graph_half_evidence(users, responses, selection, config.model.dim)
+                  if tower is not None and selection.shape[0] else None)
     selection_accuracy = best[0] if best_state is not None else None
 
     checkpoint = _publish(model, snapshot, _Joiner(tower, snapshot.triples.to(device), snapshot.num_users),
@@ -178,7 +180,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
         "selection_accuracy": selection_accuracy, "selection_loss": best[1] if best_state is not None else None,
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
         "train_seconds": seconds, "content_tower_loss": None if tower is None else tower.final_loss,
-        "content_tower_seconds": tower_seconds,
+        "content_tower_seconds": tower_seconds, "graph_half": graph_half,
         **holdout.counts(snapshot.triples),
     })
     plots = {}
@@ -202,6 +204,25 @@ def _accuracy_loss(users: torch.Tensor, responses: torch.Tensor, triples: torch.
     """Pair accuracy and mean BPR loss of (N, 3) triples under the given tables."""
     margin = pair_scores(users[triples[:, 0]], responses[triples[:, 1]], responses[triples[:, 2]])   # (N,)
     return float((margin > 0).double().mean()), float(-F.logsigmoid(margin).mean())
+
+
+def graph_half_evidence(users: torch.Tensor, responses: torch.Tensor, triples: torch.Tensor,
+                        graph_dim: int) -> dict[str, float]:
+    """Does the graph half of joined tables say who the user is, on held-out (N, 3) triples?
+
+    The graph half's score of a pair, <g_u, g_chosen - g_rejected>, is judged with the user's own g_u and with the
+    population's (the mean over `users`): what the own vector gets right beyond the population's is the part that
+    is personal (the rest is how good a response is for everyone, which the reward model learns without a user).
+    z is the sign test on the pairs the two disagree on, (own right - population right) / sqrt(disagreements): 0 when
+    they never disagree."""
+    g_users, g_responses = users[:, :graph_dim], responses[:, :graph_dim]
+    diff = g_responses.index_select(0, triples[:, 1]) - g_responses.index_select(0, triples[:, 2])     # (N, g)
+    own = (g_users.index_select(0, triples[:, 0]) * diff).sum(dim=1) > 0                             # (N,)
+    population = diff @ g_users.mean(dim=0) > 0                                                       # (N,)
+    own_only, population_only = int((own & ~population).sum()), int((population & ~own).sum())
+    disagree = own_only + population_only
+    return {"own_accuracy": float(own.float().mean()), "population_accuracy": float(population.float().mean()),
+            "z": (own_only - population_only) / math.sqrt(disagree) if disagree else 0.0}
 
 
 class _Joiner:

@@ -13,7 +13,7 @@ from graph_service.adaptation import adapt
 from graph_service.content_tower import ContentConfig, fit_content_tower, leave_pair_out
 from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.gnn_eval import evaluate_pairs
-from graph_service.gnn_training import train_gnn
+from graph_service.gnn_training import graph_half_evidence, train_gnn
 from graph_service.snapshot import GraphSnapshot
 from testkit.typed_graph import typed_graph
 from trainer.profiles import profile
@@ -126,3 +126,20 @@ def test_the_reward_models_training_pairs_leave_themselves_out(sparse):
         assert torch.allclose(without[p], F.normalize(diff[others].sum(0), dim=0), atol=1e-5)
     assert (without * diff).sum(1).mean() < (users[u, -k:] * math.sqrt(2) * diff).sum(1).mean()
     assert torch.equal(rows[-1, -k:], torch.zeros(k))
+
+
+def test_graph_half_evidence_is_a_sign_test_of_the_own_vector_against_the_populations():
+    """Graph half = the first 2 columns. User 0's own vector gets pairs 0-2 right where the population's (the mean
+    of both users) gets them wrong; on pair 3 both are right: 3 disagreements, all the own vector's: z = 3 / sqrt(3)."""
+    users = torch.tensor([[1.0, 0.0, 5.0], [-3.0, 1.0, 5.0]])                 # population graph half: (-1, 0.5)
+    responses = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 9.0], [1.0, 3.0, 0.0]])
+    triples = torch.tensor([[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 2, 1]])
+    evidence = graph_half_evidence(users, responses, triples, graph_dim=2)
+    assert evidence == {"own_accuracy": 1.0, "population_accuracy": 0.25, "z": pytest.approx(math.sqrt(3))}
+    assert graph_half_evidence(users, responses, triples[3:], graph_dim=2)["z"] == 0.0   # no disagreement
+
+
+def test_training_records_the_graph_halfs_evidence_with_a_tower_only(sparse):
+    graph, _, run = sparse
+    assert set(run.checkpoint.metrics["graph_half"]) == {"own_accuracy", "population_accuracy", "z"}
+    assert train_gnn(graph.snapshot, GRAPH_ONLY, progress=False).checkpoint.metrics["graph_half"] is None

@@ -15,7 +15,8 @@ nothing looks at before training ends. The release's metrics (metrics.json, and 
   report_pairs      its number of pairs
   holdout           train_pairs, selection_pairs, selection_users, report_pairs, report_users
   gnn               selection_accuracy / selection_loss (at the kept step), report_accuracy (GNN scores on
-                    the report part), best_step, steps, train_seconds
+                    the report part), best_step, steps, train_seconds, graph_half (with a content tower: does the
+                    graph half say who the user is on the selection pairs; gnn_training.graph_half_evidence)
   reward            selection_accuracy / selection_loss (kept weights, whole selection part), report_accuracy,
                     report_loss, selection_pairs, checked_pairs, best_check_accuracy, best_step, steps,
                     stopped_early, user_head (the head's fit after the adapters: best_step (lowest selection
@@ -233,8 +234,8 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
             "report_accuracy": reward["report_accuracy"],
             "report_pairs": len(holdout.report),
             "holdout": holdout.counts(snapshot.triples),
-            "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
-                                                        "best_step", "steps", "train_seconds")},
+            "gnn": {k: checkpoint.metrics.get(k) for k in ("selection_accuracy", "selection_loss", "report_accuracy",
+                                                            "best_step", "steps", "train_seconds", "graph_half")},
             "reward": reward,
             "seconds": time.perf_counter() - started,
         }
