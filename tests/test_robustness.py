@@ -2,6 +2,7 @@
 regime through the real pipeline, where CoPL must close most of the gap between the baseline and the oracle."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from copl_common.plots import save_gap_chart
 from trainer.evaluate import load_release_parts
 from trainer.pipeline import TrainRequest, train_release, type_one_hot
-from trainer.robustness import Regime, gap_closed, read_rows, run_regime, save_row, seed_summary, separability
+from trainer.profiles import profile
+from trainer.robustness import (Regime, embedding_figures, gap_closed, read_rows, run_regime, save_row, seed_summary,
+                                separability)
 
 
 def test_separability_by_hand():
@@ -89,6 +92,18 @@ def test_retrain_refuses_a_row_of_other_settings_and_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="reward-model seed 0, not 2"):
         run_regime(regime, tmp_path, earlier={"regime": dict(regime.__dict__)}, reward_seed=2)
     assert not (tmp_path / "r").exists()                      # refused before writing any data
+
+
+def test_embedding_figures_split_the_joined_embedding_by_half(tmp_path):
+    """--embeddings-only's figures of a small styles regime with the tiny profile's GNN and tower: separability of
+    the whole and of the graph half alone, the graph half's evidence; a graph-only GNN has no halves to split."""
+    regime = Regime("t", users=60, pairs=4, prompts=8)
+    joined = profile("tiny").gnn
+    figures = embedding_figures(regime, tmp_path, joined)
+    assert 0.0 <= figures["separability_graph_half"] <= 1.0 and 0.0 <= figures["separability_seen"] <= 1.0
+    assert set(figures["graph_half"]) == {"own_accuracy", "population_accuracy", "z"}
+    graph_only = embedding_figures(regime, tmp_path, replace(joined, content=None))
+    assert graph_only["graph_half"] is None and graph_only["separability_graph_half"] is None
 
 
 def test_gap_chart_is_a_png_and_takes_a_missing_figure(tmp_path):

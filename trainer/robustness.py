@@ -198,7 +198,8 @@ def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
 def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dict:
     """The user embeddings alone, in seconds: train only the GNN (and its content tower, if the config has one)
     on the regime's seen users and return its held-out context accuracy and type separability, seen and
-    unseen (adapted from their context pairs, as the graph service would)."""
+    unseen (adapted from their context pairs, as the graph service would); with a tower, also the separability of
+    the joined table's graph half alone and its evidence metric (gnn_training.graph_half_evidence)."""
     data = work / regime.name
     if not (data / "store.db").exists():
         _write_and_ingest_seen(regime, data)
@@ -219,7 +220,11 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
     seen_types = [group_of[u] for u in ck.user_ids]
     ids = sorted(unseen)
     adapted = adapt(ck, [unseen[u] for u in ids]).embeddings if ids else None
+    graph_dim = config.model.dim if config.content is not None else None      # the joined table's graph half
     return {"gnn_report_accuracy": trained.report_accuracy,
+            "graph_half": ck.metrics.get("graph_half"),
+            "separability_graph_half": (separability(ck.user_embeddings[:, :graph_dim], seen_types)
+                                        if graph_dim else None),
             "separability_seen": separability(ck.user_embeddings, seen_types),
             "separability_unseen": (separability(ck.user_embeddings, seen_types, adapted, [group_of[u] for u in ids])
                                     if ids else None),
