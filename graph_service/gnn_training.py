@@ -216,9 +216,9 @@ def graph_half_evidence(users: torch.Tensor, responses: torch.Tensor, triples: t
     z is the sign test on the pairs the two disagree on, (own right - population right) / sqrt(disagreements): 0 when
     they never disagree."""
     g_users, g_responses = users[:, :graph_dim], responses[:, :graph_dim]
-    diff = g_responses.index_select(0, triples[:, 1]) - g_responses.index_select(0, triples[:, 2])     # (N, g)
-    own = (g_users.index_select(0, triples[:, 0]) * diff).sum(dim=1) > 0                             # (N,)
-    population = diff @ g_users.mean(dim=0) > 0                                                       # (N,)
+    chosen, rejected = g_responses.index_select(0, triples[:, 1]), g_responses.index_select(0, triples[:, 2])
+    own = pair_scores(g_users.index_select(0, triples[:, 0]), chosen, rejected) > 0                  # (N,)
+    population = pair_scores(g_users.mean(dim=0).expand_as(chosen), chosen, rejected) > 0             # (N,)
     own_only, population_only = int((own & ~population).sum()), int((population & ~own).sum())
     disagree = own_only + population_only
     return {"own_accuracy": float(own.float().mean()), "population_accuracy": float(population.float().mean()),

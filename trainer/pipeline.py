@@ -234,8 +234,8 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
             "report_accuracy": reward["report_accuracy"],
             "report_pairs": len(holdout.report),
             "holdout": holdout.counts(snapshot.triples),
-            "gnn": {k: checkpoint.metrics.get(k) for k in ("selection_accuracy", "selection_loss", "report_accuracy",
-                                                            "best_step", "steps", "train_seconds", "graph_half")},
+            "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
+                                                        "best_step", "steps", "train_seconds", "graph_half")},
             "reward": reward,
             "seconds": time.perf_counter() - started,
         }
