@@ -109,7 +109,7 @@ def run_size(n: int, args) -> dict:
     if not converge:   # time a few steps only; warm-up 0 so a 3-step schedule is valid
         config = dataclasses.replace(config, max_steps=args.steps, warmup_steps=0, eval_every=args.steps)
     features = (stand_in_features(graph.response_attributes, STAND_IN_WIDTH, args.seed)
-                if config.content is not None else None)
+                if config.content_dim else None)
     run = train_gnn(snap, config, progress=not args.no_progress, response_features=features)
     ck = run.checkpoint
     step_s = run.seconds / len(run.history["step"])

@@ -71,7 +71,7 @@ def run_dataset(preset: str, avg: bool, args, work: Path) -> dict:
         ingest_files(store, [out / "train_seen.jsonl"], progress=False)
         snapshot, texts = store.snapshot_with_texts()
     config = profile(args.profile).gnn
-    features = snapshot_features(snapshot, texts) if config.content is not None else None   # cached, not timed
+    features = snapshot_features(snapshot, texts) if config.content_dim else None   # cached, not timed
     start = time.perf_counter()
     trained = train_gnn(snapshot, config, progress=not args.no_progress, response_features=features)
     train_s = time.perf_counter() - start

@@ -103,11 +103,11 @@ def ceiling(row: dict) -> str:
 
 
 def embeddings_only(args, regimes: list[Regime]) -> None:
-    """The profile's GNN with its content tower against the same GNN without it, on every regime's data."""
+    """The profile's GNN with its content half against the same GNN without it, on every regime's data."""
     joined = profile(args.profile).gnn
-    if joined.content is None:
-        sys.exit(f"error: profile {args.profile} has no content tower to compare")
-    variants = {"graph only": dataclasses.replace(joined, content=None), "graph + content": joined}
+    if not joined.content_dim:
+        sys.exit(f"error: profile {args.profile} has no content half to compare")
+    variants = {"graph only": dataclasses.replace(joined, content=None, types=None), "graph + content": joined}
     rows = []
     with tempfile.TemporaryDirectory(prefix="copl-embeddings-") as tmp:
         work = args.keep or Path(tmp)

@@ -9,8 +9,8 @@ For a new user with labelled pairs (chosen_id, rejected_id):
   3. embedding = L2-normalize(sum of weight * candidate embedding). No gradient step.
 Step 3 re-normalizes (the paper's weighted mean has norm <= 1): the reward model's gate was trained
 on unit-norm trained embeddings, and the mean's direction is what carries the preference. With a content
-tower (content_tower.py) only the graph half of the embedding is the neighbours' mean: the content half is
-computed from the user's own scored pairs exactly as for a trained user, which needs no neighbour at all.
+half (content_tower.py, latent_types.py) only the graph half of the embedding is the neighbours' mean: the content
+half is computed from the user's own scored pairs exactly as for a trained user, which needs no neighbour at all.
 
 Response ids are content hashes (sha256 of the text), so a pair's response that any seen user
 labelled matches its trained node by hash, whether the pair came from the store after training or
@@ -133,9 +133,8 @@ def _adapt_block(ck: GNNCheckpoint, owner: torch.Tensor, chosen: torch.Tensor, r
     k = ck.content_dim
     if not k:
         return F.normalize(emb, dim=1), n_cand, n_pairs, weights.max(dim=1).values
-    # 4. With a content tower, the graph half comes from the neighbours and the content half from the user's own
+    # 4. With a content half, the graph half comes from the neighbours and the content half from the user's own
     # scored pairs (the neighbours' content where none is scored), each unit norm, as in the trained tables.
-    own = torch.zeros(b, k, dtype=emb.dtype).index_add_(
-        0, p_owner, (ck.response_content[chosen[scored]] - ck.response_content[rejected[scored]]).to(emb.dtype))
-    content = torch.where((n_pairs > 0)[:, None], own, emb[:, -k:])
-    return join_users(emb[:, :-k], F.normalize(content, dim=1)), n_cand, n_pairs, weights.max(dim=1).values
+    own = ck.content_users(torch.stack([p_owner, chosen[scored], rejected[scored]], dim=1), b).to(emb.dtype)
+    content = torch.where((n_pairs > 0)[:, None], own, F.normalize(emb[:, -k:], dim=1))
+    return join_users(emb[:, :-k], content), n_cand, n_pairs, weights.max(dim=1).values

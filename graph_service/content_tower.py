@@ -97,7 +97,7 @@ def fit_content_tower(features: torch.Tensor, triples: torch.Tensor, num_users: 
     with seeded(seed, all_features.device):
         a = torch.nn.Linear(c, config.dim, bias=False)
         b = torch.nn.Linear(c, config.dim, bias=False)
-    triples = _sample_users(triples, config.max_pairs, seed)
+    triples = sample_users(triples, config.max_pairs, seed)
     # Only the responses the (sampled) pairs touch take part in a step: renumber them 0..R'-1.
     touched, local = torch.unique(triples[:, 1:], return_inverse=True)
     features = all_features.index_select(0, touched)                                            # (R', c)
@@ -120,7 +120,7 @@ def fit_content_tower(features: torch.Tensor, triples: torch.Tensor, num_users: 
         return ContentTower(user_side=a(all_features), response_side=b(all_features), final_loss=float(loss))
 
 
-def _sample_users(triples: torch.Tensor, max_pairs: int, seed: int) -> torch.Tensor:
+def sample_users(triples: torch.Tensor, max_pairs: int, seed: int) -> torch.Tensor:
     """All of `triples` when there are at most max_pairs, else every pair of a seeded random set of users
     (whole users: each pair is judged against the rest of its own user's pairs)."""
     if triples.shape[0] <= max_pairs:

@@ -5,6 +5,9 @@ A checkpoint directory holds
   tables.safetensors   user_embeddings (U, d) L2-normalized, response_embeddings (R, d),
                        response_content (R, k), only with a content tower: the last k columns of a user's
                        embedding are the unit mean of A f_chosen - A f_rejected over their pairs (content_tower.py),
+                       type_log_prior (k,), only with latent types (latent_types.py): then response_content
+                       holds each type's score of the response and the last k columns of a user's embedding are
+                       their unit-norm posterior over the types,
                        positive_indptr (R+1,) / positive_users (E+,): response -> users who chose it (CSR),
                        user_ids_utf8 / response_ids_utf8: the index maps, newline-joined UTF-8 bytes
   manifest.json        format, settings, shapes and dtypes, data snapshot time, metrics, sha256 per file
@@ -30,6 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from copl_common.checksums import load_tensors, read_manifest, sha256_file
+from graph_service.content_tower import user_vectors
+from graph_service.latent_types import posteriors
 
 FORMAT = "copl-gnn-checkpoint/1"
 WEIGHTS_FILE, TABLES_FILE, MANIFEST_FILE = "weights.safetensors", "tables.safetensors", "manifest.json"
@@ -54,7 +59,9 @@ class GNNCheckpoint:
     positive_users: torch.Tensor            # (E+,) int64    positive_users[indptr[r]:indptr[r+1]]
     snapshot_time: datetime | None = None
     metrics: dict = field(default_factory=dict)
-    response_content: torch.Tensor | None = None   # (R, k) A f_r of the content tower; None: graph only
+    response_content: torch.Tensor | None = None   # (R, k) A f_r of the content tower, or the latent types' scores
+                                                   # S (with type_log_prior); None: graph only
+    type_log_prior: torch.Tensor | None = None     # (k,) latent types' log prior (-inf past K); None: a tower
 
     def __post_init__(self):
         u, r = self.user_embeddings, self.response_embeddings
@@ -68,6 +75,9 @@ class GNNCheckpoint:
         c = self.response_content
         if c is not None and (c.dim() != 2 or c.shape[0] != r.shape[0] or not 0 < c.shape[1] < u.shape[1]):
             raise ValueError(f"response_content must be (R, k) with 0 < k < d, got {tuple(c.shape)}")
+        p = self.type_log_prior
+        if p is not None and (c is None or p.shape != (c.shape[1],)):
+            raise ValueError("type_log_prior must be (k,) and come with response_content (R, k)")
 
     @property
     def dim(self) -> int:
@@ -75,8 +85,16 @@ class GNNCheckpoint:
 
     @property
     def content_dim(self) -> int:
-        """k: the trailing columns of a user embedding that come from the content tower (0: none)."""
+        """k: the trailing columns of a user embedding that come from the content half (0: none)."""
         return 0 if self.response_content is None else self.response_content.shape[1]
+
+    def content_users(self, triples: torch.Tensor, num_users: int) -> torch.Tensor:
+        """(num_users, k) unit-norm content halves from (P, 3) (user 0..num_users-1, chosen, rejected) triples over
+        this checkpoint's responses, as training computed the trained users' (the tower's mean, or the types'
+        posterior)."""
+        if self.type_log_prior is None:
+            return user_vectors(self.response_content, triples, num_users)
+        return posteriors(self.response_content, self.type_log_prior, triples, num_users)
 
     @property
     def num_users(self) -> int:
@@ -123,6 +141,8 @@ class GNNCheckpoint:
         }
         if self.response_content is not None:
             tables["response_content"] = self.response_content
+        if self.type_log_prior is not None:
+            tables["type_log_prior"] = self.type_log_prior
         weights = {k: v.detach() for k, v in self.model_state.items()}
         files = {WEIGHTS_FILE: weights, TABLES_FILE: tables}
         manifest = {
@@ -164,7 +184,8 @@ class GNNCheckpoint:
             user_ids=_decode_ids(tables["user_ids_utf8"]), response_ids=_decode_ids(tables["response_ids_utf8"]),
             positive_indptr=tables["positive_indptr"], positive_users=tables["positive_users"],
             snapshot_time=datetime.fromisoformat(snapshot_time) if snapshot_time else None,
-            metrics=manifest["metrics"], response_content=tables.get("response_content"))
+            metrics=manifest["metrics"], response_content=tables.get("response_content"),
+            type_log_prior=tables.get("type_log_prior"))
         if (checkpoint.dim, checkpoint.num_users, checkpoint.num_responses) != \
                 (manifest["dim"], manifest["num_users"], manifest["num_responses"]):
             raise ValueError(f"{directory}: tables disagree with the manifest's dim / user / response counts")

@@ -34,6 +34,7 @@ from graph_service.embeddings import GNNCheckpoint
 from graph_service.content_tower import ContentConfig, ContentTower, fit_content_tower, join_responses, join_users
 from graph_service.gnn import GNNConfig, SignedAdjacency, SignedGCN, pair_scores
 from graph_service.holdout import Holdout, holdout_split
+from graph_service.latent_types import LatentTypes, TypesConfig, fit_latent_types
 from graph_service.snapshot import GraphSnapshot
 
 
@@ -41,6 +42,7 @@ from graph_service.snapshot import GraphSnapshot
 class GNNTrainConfig:
     model: GNNConfig = field(default_factory=GNNConfig)
     content: ContentConfig | None = None   # the content tower beside the graph (content_tower.py); None: graph only
+    types: TypesConfig | None = None       # latent types beside the graph instead (latent_types.py); at most one
     batch_triples: int = 1 << 16   # triples per optimizer step (one propagation each); larger is almost free
     lr: float = 0.01               # AdamW peak learning rate
     weight_decay: float = 0.0      # AdamW decay on layer weights; the ID embeddings get the BPR L2 term instead
@@ -65,6 +67,13 @@ class GNNTrainConfig:
             raise ValueError("lr must be > 0, l2 and weight_decay >= 0, min_lr_ratio in [0, 1]")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.content is not None and self.types is not None:
+            raise ValueError("the content half is the content tower or the latent types, not both")
+
+    @property
+    def content_dim(self) -> int:
+        """Width of the content half of the user embedding (0: graph only)."""
+        return self.content.dim if self.content is not None else self.types.max_types if self.types is not None else 0
 
 
 @dataclass
@@ -87,14 +96,14 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
               out_dir: str | Path | None = None, progress: bool = True,
               response_features: torch.Tensor | None = None) -> TrainedGNN:
     """Train on `holdout.train`, early-stop on `holdout.selection`, score `holdout.report` once at the end.
-    Without a holdout, the split of graph_service/holdout.py with this config's seed. With `config.content`,
-    `response_features` (R, c) row for row with snapshot.response_ids are required: the content tower is fitted
-    on the training pairs first, early stopping judges the joined scores, and the published users' content
-    half comes from all their pairs."""
+    Without a holdout, the split of graph_service/holdout.py with this config's seed. With `config.content` or
+    `config.types`, `response_features` (R, c) row for row with snapshot.response_ids are required: the content
+    tower (or the latent types, chosen on the selection pairs) is fitted on the training pairs first, early stopping
+    judges the joined scores, and the published users' content half comes from all their pairs."""
     if snapshot.triples.shape[0] == 0:
         raise ValueError("the snapshot has no preferences to train on")
-    if (config.content is not None) != (response_features is not None):
-        raise ValueError("response features must be given exactly when the config has a content tower")
+    if (config.content_dim > 0) != (response_features is not None):
+        raise ValueError("response features must be given exactly when the config has a content half")
     if response_features is not None and (response_features.dim() != 2
                                           or response_features.shape[0] != snapshot.num_responses):
         raise ValueError(f"response features must be ({snapshot.num_responses}, c), got {tuple(response_features.shape)}")
@@ -105,12 +114,15 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
     train_graph = GraphSnapshot(snapshot.user_ids, snapshot.response_ids, snapshot.triples[holdout.train])
     adj = SignedAdjacency.from_edges(train_graph.positive_edges(), train_graph.negative_edges(),
                                      snapshot.num_users, snapshot.num_responses, device, dtype)
-    tower, tower_seconds = None, 0.0
+    half, half_seconds = None, 0.0
+    start = time.perf_counter()
     if config.content is not None:
-        start = time.perf_counter()
-        tower = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed)
-        tower_seconds = time.perf_counter() - start
-    joined = _Joiner(tower, train, snapshot.num_users)
+        half = fit_content_tower(response_features.to(device), train, snapshot.num_users, config.content, config.seed)
+    elif config.types is not None:
+        half = fit_latent_types(response_features.to(device), train, selection, snapshot.num_users, config.types,
+                                config.seed)
+    half_seconds = time.perf_counter() - start
+    joined = _Joiner(half, train, snapshot.num_users)
     with seeded(config.seed, device):   # nn.Module init draws from the global generators
         model = SignedGCN(config.model, snapshot.num_users, snapshot.num_responses).to(device, dtype)
     embedding_params = [model.user_emb.weight, model.response_emb.weight]
@@ -147,7 +159,7 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
             history["check_step"].append(step)
             history["selection_loss"].append(sel_loss)
             history["selection_accuracy"].append(acc)
-            if (sel_loss < best[1]) if tower is not None else (acc, -sel_loss) > (best[0], -best[1]):
+            if (sel_loss < best[1]) if half is not None else (acc, -sel_loss) > (best[0], -best[1]):
                 best, best_step, checks_since_best = (acc, sel_loss), step, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
@@ -172,15 +184,17 @@ def train_gnn(snapshot: GraphSnapshot, config: GNNTrainConfig, holdout: Holdout 
         users, responses = joined(*model(adj))
     report_accuracy = _accuracy_loss(users, responses, report)[0] if report.shape[0] else None
     graph_half = (graph_half_evidence(users, responses, selection, config.model.dim)
-                  if tower is not None and selection.shape[0] else None)
+                  if half is not None and selection.shape[0] else None)
     selection_accuracy = best[0] if best_state is not None else None
 
-    checkpoint = _publish(model, snapshot, _Joiner(tower, snapshot.triples.to(device), snapshot.num_users),
+    checkpoint = _publish(model, snapshot, _Joiner(half, snapshot.triples.to(device), snapshot.num_users),
                           config, device, dtype, metrics={
         "selection_accuracy": selection_accuracy, "selection_loss": best[1] if best_state is not None else None,
         "report_accuracy": report_accuracy, "best_step": best_step, "steps": len(history["step"]),
-        "train_seconds": seconds, "content_tower_loss": None if tower is None else tower.final_loss,
-        "content_tower_seconds": tower_seconds, "graph_half": graph_half,
+        "train_seconds": seconds, "graph_half": graph_half,
+        "content_tower_loss": half.final_loss if isinstance(half, ContentTower) else None,
+        "content_tower_seconds": half_seconds if isinstance(half, ContentTower) else 0.0,
+        "latent_types": half.metrics if isinstance(half, LatentTypes) else None,
         **holdout.counts(snapshot.triples),
     })
     plots = {}
@@ -226,17 +240,17 @@ def graph_half_evidence(users: torch.Tensor, responses: torch.Tensor, triples: t
 
 
 class _Joiner:
-    """(GNN users, GNN responses) -> the published tables: unchanged without a tower, else the GNN and content
-    halves side by side (content_tower.py), users' content from `triples`."""
+    """(GNN users, GNN responses) -> the published tables: unchanged without a content half, else the GNN and
+    content halves side by side (content_tower.py, latent_types.py), users' content from `triples`."""
 
-    def __init__(self, tower: ContentTower | None, triples: torch.Tensor, num_users: int):
-        self.tower = tower
-        self.content_users = None if tower is None else tower.users(triples, num_users)
+    def __init__(self, half: ContentTower | LatentTypes | None, triples: torch.Tensor, num_users: int):
+        self.half = half
+        self.content_users = None if half is None else half.users(triples, num_users)
 
     def __call__(self, users: torch.Tensor, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tower is None:
+        if self.half is None:
             return users, responses
-        return join_users(users, self.content_users), join_responses(responses, self.tower.response_side)
+        return join_users(users, self.content_users), join_responses(responses, self.half.response_side)
 
 
 def _publish(model: SignedGCN, snapshot: GraphSnapshot, joined: _Joiner, config: GNNTrainConfig,
@@ -256,4 +270,5 @@ def _publish(model: SignedGCN, snapshot: GraphSnapshot, joined: _Joiner, config:
         user_ids=list(snapshot.user_ids), response_ids=list(snapshot.response_ids),
         positive_indptr=indptr, positive_users=positive[0][by_response].contiguous(),
         snapshot_time=snapshot.snapshot_time, metrics=metrics,
-        response_content=None if joined.tower is None else joined.tower.user_side.cpu())
+        response_content=None if joined.half is None else joined.half.user_side.cpu(),
+        type_log_prior=joined.half.log_prior.cpu() if isinstance(joined.half, LatentTypes) else None)

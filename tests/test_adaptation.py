@@ -109,7 +109,7 @@ def test_bad_input_raises_value_error(trained):
 def test_quality_on_typed_users_seen_and_unseen():
     """4 types, 16 controversial pairs per user: seen >= 0.90, unseen within 0.05 of seen."""
     graph = typed_graph(1000, num_unseen=300, seed=1)
-    ck = train_gnn(graph.snapshot, dataclasses.replace(profile("small").gnn, content=None), progress=False).checkpoint
+    ck = train_gnn(graph.snapshot, dataclasses.replace(profile("small").gnn, types=None), progress=False).checkpoint
     seen = evaluate_pairs(ck, graph.seen_test[:, 0], graph.seen_test[:, 1], graph.seen_test[:, 2])
     result = adapt(ck, graph.unseen_context)
     test = graph.unseen_test

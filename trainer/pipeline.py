@@ -39,7 +39,7 @@ import torch
 
 from copl_common.checksums import sha256_file
 from copl_common.registry import Registry, Release
-from graph_service.content_tower import leave_pair_out
+from graph_service import content_tower, latent_types
 from graph_service.gnn_training import GNNTrainConfig, TrainedGNN, train_gnn
 from graph_service.holdout import Holdout, holdout_split
 from graph_service.snapshot import GraphSnapshot
@@ -87,8 +87,9 @@ class RewardJob:
     train_rows: torch.Tensor
     selection_rows: torch.Tensor
     report_rows: torch.Tensor
-    content_side: torch.Tensor | None = None  # (R, k) the content tower's A f_r, when `users` carry its half: each
-    # training pair then comes with its user's embedding without that pair (content_tower.leave_pair_out)
+    content_side: torch.Tensor | None = None  # (R, k) the checkpoint's response_content, when `users` carry a content
+    # half: each training pair then comes with its user's embedding without that pair (content_tower.leave_pair_out)
+    type_log_prior: torch.Tensor | None = None  # (k,) with latent types: content_side holds their scores
     manifest_extra: dict = field(default_factory=dict)
     progress: bool = True
 
@@ -96,7 +97,9 @@ class RewardJob:
         """The examples the reward model fits: the train rows, each pair left out of its own user's content half."""
         if self.users is None or self.content_side is None:
             return self.examples(self.train_rows)
-        embeddings = leave_pair_out(self.users, self.content_side, self.triples[self.train_rows])   # (N, d)
+        train = self.triples[self.train_rows]
+        embeddings = (content_tower.leave_pair_out(self.users, self.content_side, train) if self.type_log_prior is None
+                      else latent_types.leave_pair_out(self.users, self.content_side, self.type_log_prior, train))
         return self._examples(self.train_rows, embeddings)
 
     def examples(self, rows: torch.Tensor) -> list[PreferenceExample]:
@@ -204,7 +207,7 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
     with registry.stage() as staged:
         plots = staged / "plots"
         features = None
-        if prof.gnn.content is not None:
+        if prof.gnn.content_dim:
             features = snapshot_features(snapshot, texts, rm_model_cfg.backbone, progress=request.progress)
         gnn = stages.gnn(snapshot, prof.gnn, holdout, plots, request.progress, features)
         checkpoint, users = gnn.checkpoint, gnn.training_graph_users
@@ -223,9 +226,11 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
         # The reward model trains, early-stops and reports on the training-graph embeddings: held-out users'
         # published (full-graph) embeddings have seen their held-out pairs. Serving uses the published ones.
         # Its training pairs leave themselves out of their user's content half (RewardJob.training_examples).
-        content_side = checkpoint.response_content if request.user_embeddings == "gnn" else None
+        own_content = request.user_embeddings == "gnn"
         job = RewardJob(rm_model_cfg, rm_train_cfg, texts, snapshot.triples,
-                        users if request.personalized else None, *holdout, content_side=content_side,
+                        users if request.personalized else None, *holdout,
+                        content_side=checkpoint.response_content if own_content else None,
+                        type_log_prior=checkpoint.type_log_prior if own_content else None,
                         manifest_extra={"gnn_checkpoint": {"path": "../gnn",
                                                            "manifest_sha256": sha256_file(gnn_dir / "manifest.json")}},
                         progress=request.progress)
@@ -235,7 +240,8 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
             "report_pairs": len(holdout.report),
             "holdout": holdout.counts(snapshot.triples),
             "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
-                                                        "best_step", "steps", "train_seconds", "graph_half")},
+                                                        "best_step", "steps", "train_seconds", "graph_half",
+                                                        "latent_types")},
             "reward": reward,
             "seconds": time.perf_counter() - started,
         }

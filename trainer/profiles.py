@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from graph_service.content_tower import ContentConfig
+from graph_service.latent_types import TypesConfig
 from graph_service.gnn import GNNConfig
 from graph_service.gnn_training import GNNTrainConfig
 from reward_service.mole import MoLEConfig
@@ -31,8 +32,7 @@ class Profile:
 
 def _profile(name: str, gnn: GNNTrainConfig, reward_model: RewardModelConfig,
              reward_training: RMTrainConfig) -> Profile:
-    content = 0 if gnn.content is None else gnn.content.dim
-    model = replace(reward_model, mole=replace(reward_model.mole, user_dim=gnn.model.dim + content))
+    model = replace(reward_model, mole=replace(reward_model.mole, user_dim=gnn.model.dim + gnn.content_dim))
     return Profile(name, gnn, model, reward_training)
 
 
@@ -73,7 +73,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         # GNN: 1,000-100,000 users on CPU; the width bench/gnn.py measures at every size. l2=1.0 measured best on
         # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy). The content tower
         # (32 of the 96 columns) keeps who the user is where the graph is too small and sparse to (issue 8).
-        GNNTrainConfig(model=GNNConfig(dim=64, layers=3), content=ContentConfig(), lr=0.02, l2=1.0, max_steps=150,
+        GNNTrainConfig(model=GNNConfig(dim=64, layers=3), types=TypesConfig(), lr=0.02, l2=1.0, max_steps=150,
                        warmup_steps=5, eval_every=5, patience=6),
         _SMALL_RM, _SMALL_RM_TRAINING,
     ),

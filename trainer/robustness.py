@@ -205,7 +205,7 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
         _write_and_ingest_seen(regime, data)
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         snapshot, texts = store.snapshot_with_texts()
-    features = snapshot_features(snapshot, texts) if config.content is not None else None
+    features = snapshot_features(snapshot, texts) if config.content_dim else None
     start = time.perf_counter()
     trained = train_gnn(snapshot, config, progress=False, response_features=features)
     seconds = time.perf_counter() - start
@@ -220,7 +220,7 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
     seen_types = [group_of[u] for u in ck.user_ids]
     ids = sorted(unseen)
     adapted = adapt(ck, [unseen[u] for u in ids]).embeddings if ids else None
-    graph_dim = config.model.dim if config.content is not None else None      # the joined table's graph half
+    graph_dim = config.model.dim if config.content_dim else None      # the joined table's graph half
     return {"gnn_report_accuracy": trained.report_accuracy,
             "graph_half": ck.metrics.get("graph_half"),
             "separability_graph_half": (separability(ck.user_embeddings[:, :graph_dim], seen_types)
