@@ -9,7 +9,7 @@ Per size (typed synthetic users, 16 controversial pairs each, responses shared, 
             real would take hours to days at 100k+ users); its adaptation builds a dense users x
             responses score matrix, timed where it fits in --dense-max-gb
   adapt     latency of `adapt` for one new user (p50/p99 over many users) and for a batch of 1,000
-A profile with a content tower (`small`) gets stand-in response features: the typed graph's hidden attribute
+A profile with a content half (`small`: latent types) gets stand-in response features: the typed graph's hidden attribute
 scores through a fixed random (K, 384) map plus noise, the width and cost of the backbone's text features
 without embedding a million texts. The paper's loop is timed on the graph alone. Peak RSS is the process high-water mark; sizes run in ascending order, so each row's value is that
 size's peak. The last line of output is one JSON object for the largest size run.
@@ -141,7 +141,7 @@ def run_size(n: int, args) -> dict:
         "step_s": step_s, "epoch_s": ours_epoch_s, "paper_minibatch_s": paper_mb_s,
         "paper_epoch_s_extrapolated": paper_epoch_s,
         "converged": converge, "train_s": run.seconds, "steps": len(run.history["step"]),
-        "content_tower_s": ck.metrics["content_tower_seconds"],
+        "content_s": ck.metrics["content_seconds"],
         "selection_accuracy": run.selection_accuracy, "seen_accuracy": seen_acc if converge else None,
         "unseen_accuracy": unseen_acc if converge else None,
         "adapt_p50_ms": percentile_ms(single, 0.5), "adapt_p99_ms": percentile_ms(single, 0.99),
@@ -157,7 +157,7 @@ def print_table(rows: list[dict]) -> None:
         return "-" if v is None else format(v, spec)
     cols = [("users", "users", ",d"), ("edges", "edges", ",d"), ("step s", "step_s", ".3f"),
             ("epoch s", "epoch_s", ".2f"), ("paper epoch s (extrapolated)", "paper_epoch_s_extrapolated", ",.0f"),
-            ("train s", "train_s", ".1f"), ("steps", "steps", "d"), ("tower s", "content_tower_s", ".1f"), ("seen acc", "seen_accuracy", ".3f"),
+            ("train s", "train_s", ".1f"), ("steps", "steps", "d"), ("content s", "content_s", ".1f"), ("seen acc", "seen_accuracy", ".3f"),
             ("unseen acc", "unseen_accuracy", ".3f"), ("adapt p50 ms", "adapt_p50_ms", ".2f"),
             ("adapt p99 ms", "adapt_p99_ms", ".2f"), ("1000 p99 ms", "adapt_batch1000_p99_ms", ".0f"),
             ("dense GB", "dense_scores_gb", ",.1f"), ("dense s", "dense_scores_s", ".2f"),

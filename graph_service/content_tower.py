@@ -1,5 +1,8 @@
 """The content tower: the half of a user's embedding that comes from the text of what they chose.
 
+Profile `tiny` uses it; `small` has latent types in its place (latent_types.py: a posterior over kinds of users,
+which the reward model reads better than this continuous vector, issue 8).
+
 The signed GCN (gnn.py) learns from who labelled what; at small, sparse, noisy sizes (a few hundred users,
 4-16 pairs each) its ID embeddings overfit and lose who the user is (issue 8: type separability 0.24-0.61
 on the styles family), while the plain mean of a user's (f_chosen - f_rejected) text features, with no

@@ -13,8 +13,8 @@ label at all:
 fitted by EM on the training pairs (E: every user's posterior; M: one ridge-penalized logistic regression per type,
 each pair weighted by its user's posterior), several random starts, the best penalized likelihood kept. K and the
 ridge are chosen on the selection pairs, by the mean log-likelihood of each held-out pair under its user's posterior
-from their training pairs (K = 1, 2, ... until `patience` more types in a row do no better; then the fewest types
-within one standard error of the best): a user brings data, and the number of kinds of users in it is read from it. K = 1 is among the choices (one reward for everyone: the half
+from their training pairs (K = 1, 2, ... until `patience` more types in a row do no better; a type EM leaves empty
+does not count): a user brings data, and the number of kinds of users in it is read from it. K = 1 is among the choices (one reward for everyone: the half
 then says nothing, and the graph half carries the user); it is the choice when there is no selection pair.
 
 Published form, the content half's two tables (checkpoint `response_content` and `type_log_prior`):
@@ -38,13 +38,13 @@ from graph_service.content_tower import sample_users
 
 @dataclass(frozen=True)
 class TypesConfig:
-    max_types: int = 8                           # K is chosen in 1..max_types; also the width of the content half
+    max_types: int = 32                          # K is chosen in 1..max_types; also the width of the content half
     ridges: tuple[float, ...] = (0.03, 0.1, 0.3)  # ridge per pair on w_k, chosen with K on the selection pairs
     restarts: int = 4                            # random starts of EM per (K, ridge); the best objective is kept
     em_steps: int = 30                           # EM iterations at most (stops once no posterior moves 1e-4)
     patience: int = 2                            # stop adding types after this many that did not lower the loss
-    max_pairs: int = 10_000                      # fit on a seeded sample of whole users beyond this: K x c weights
-                                                 # need no more, and the fit then costs the same at any size
+    max_pairs: int = 4_000                       # fit on a seeded sample of whole users beyond this: a few types'
+                                                 # weights need no more, and the fit then costs the same at any size
 
     def __post_init__(self):
         if min(self.max_types, self.restarts, self.em_steps, self.patience, self.max_pairs) < 1:
@@ -102,8 +102,7 @@ def leave_pair_out(users: torch.Tensor, scores: torch.Tensor, log_prior: torch.T
 def fit_latent_types(features: torch.Tensor, train: torch.Tensor, selection: torch.Tensor, num_users: int,
                      config: TypesConfig, seed: int = 0) -> LatentTypes:
     """EM for each (K, ridge) of 1..max_types x ridges on `train` (P, 3) triples over response `features` (R, c); kept:
-    the fewest types whose posteriors predict `selection` within one standard error of the best (module docstring);
-    one type, the middle ridge, when there is no selection pair."""
+    the one whose posteriors predict `selection` best; one type, the middle ridge, when there is no selection pair."""
     if train.shape[0] == 0:
         raise ValueError("latent types need at least one training pair")
     start = time.perf_counter()
@@ -125,7 +124,7 @@ def fit_latent_types(features: torch.Tensor, train: torch.Tensor, selection: tor
             fits.append((int(used.sum()), ridge, scores, log_prior, losses))
         if held_out and k - min(fits, key=lambda fit: fit[4].mean())[0] >= config.patience:
             break                                # more types stopped explaining the held-out pairs better
-    k, ridge, scores, log_prior, losses = _fewest_types_within_one_se(fits) if held_out else fits[0]
+    k, ridge, scores, log_prior, losses = min(fits, key=lambda fit: fit[4].mean()) if held_out else fits[0]
     loss = float(losses.mean()) if held_out else None
     width = config.max_types
     padded = torch.zeros(f.shape[0], width, dtype=scores.dtype, device=scores.device)
@@ -143,17 +142,6 @@ def _selection_losses(scores: torch.Tensor, log_prior: torch.Tensor, train: torc
         0, train[:, 0], pair_log_likelihoods(scores, train))
     log_post = torch.log_softmax(log_lik + log_prior, dim=1).index_select(0, selection[:, 0])
     return -torch.logsumexp(log_post + pair_log_likelihoods(scores, selection), dim=1)
-
-
-def _fewest_types_within_one_se(fits: list[tuple]) -> tuple:
-    """The fit with the fewest types (then the lowest loss) whose selection loss is within one standard error of the
-    best's, the error of the paired per-pair differences: more types that explain the held-out pairs no better than
-    the noise of a few hundred pairs can tell are splits of a type, not types."""
-    best = min(fits, key=lambda fit: fit[4].mean())[4]
-    def within(fit):
-        diff = fit[4] - best
-        return float(diff.mean()) <= float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else fit[4] is best
-    return min((fit for fit in fits if within(fit)), key=lambda fit: (fit[0], float(fit[4].mean())))
 
 
 def _em(diffs: torch.Tensor, user: torch.Tensor, num_users: int, k: int, ridge: float, config: TypesConfig,

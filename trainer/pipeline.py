@@ -15,8 +15,9 @@ nothing looks at before training ends. The release's metrics (metrics.json, and 
   report_pairs      its number of pairs
   holdout           train_pairs, selection_pairs, selection_users, report_pairs, report_users
   gnn               selection_accuracy / selection_loss (at the kept step), report_accuracy (GNN scores on
-                    the report part), best_step, steps, train_seconds, graph_half (with a content tower: does the
-                    graph half say who the user is on the selection pairs; gnn_training.graph_half_evidence)
+                    the report part), best_step, steps, train_seconds, graph_half (with a content half: does the
+                    graph half say who the user is on the selection pairs; gnn_training.graph_half_evidence),
+                    latent_types (with latent types: K, ridge, selection_loss, seconds; latent_types.py)
   reward            selection_accuracy / selection_loss (kept weights, whole selection part), report_accuracy,
                     report_loss, selection_pairs, checked_pairs, best_check_accuracy, best_step, steps,
                     stopped_early, user_head (the head's fit after the adapters: best_step (lowest selection

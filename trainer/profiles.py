@@ -1,5 +1,5 @@
 """Training profiles, all in this one place: one name picks the GNN and the reward-model settings together,
-and the reward model's gate always takes the user embedding's width (the GNN's plus its content tower's).
+and the reward model's gate always takes the user embedding's width (the GNN's plus its content half's).
 
 Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measurements:
 
@@ -71,8 +71,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     _profile(
         "small",
         # GNN: 1,000-100,000 users on CPU; the width bench/gnn.py measures at every size. l2=1.0 measured best on
-        # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy). The content tower
-        # (32 of the 96 columns) keeps who the user is where the graph is too small and sparse to (issue 8).
+        # typed synthetic users (0.2: 0.89, 0.5: 0.85-0.93, 1.0: 0.94 held-out seen accuracy). Latent types (32 of
+        # the 96 columns, as the tower had) say which kind of user this is where the graph is too small and sparse to (issue 8); they
+        # replaced the content tower, which `tiny` keeps (fitting K costs seconds, and tests train dozens of releases).
         GNNTrainConfig(model=GNNConfig(dim=64, layers=3), types=TypesConfig(), lr=0.02, l2=1.0, max_steps=150,
                        warmup_steps=5, eval_every=5, patience=6),
         _SMALL_RM, _SMALL_RM_TRAINING,
