@@ -84,3 +84,27 @@ def typed_graph(num_users: int, num_unseen: int = 0, num_types: int = 4, pairs_p
         seen_test=triples[:num_users, pairs_per_user:].reshape(-1, 3).contiguous(),
         unseen_context=[[(ids[c], ids[r]) for c, r in user] for user in context],
         unseen_types=types[num_users:].clone(), unseen_test=unseen_test, response_attributes=attributes)
+
+
+def attribute_features(graph: TypedGraph, seed: int = 0) -> torch.Tensor:
+    """(R, K) the responses' hidden attribute scores plus a little noise: stand-ins for the backbone's text features
+    in tests of the content half (the tower, latent types)."""
+    noise = torch.randn(graph.response_attributes.shape, generator=torch.Generator().manual_seed(seed))
+    return graph.response_attributes + 0.05 * noise
+
+
+def sparse_typed_run(config) -> tuple[TypedGraph, torch.Tensor, object]:
+    """200 users of 3 types with 4 pairs each (40 more arriving later) and a GNN of `config` with a content half
+    trained on them: (graph, attribute features, TrainedGNN). The regime where the graph alone places users badly."""
+    from graph_service.gnn_training import train_gnn     # the testkit's graphs do not need the trainer otherwise
+    graph = typed_graph(200, num_unseen=40, num_types=3, pairs_per_user=4, test_pairs_per_user=4, seed=5)
+    features = attribute_features(graph)
+    return graph, features, train_gnn(graph.snapshot, config, progress=False, response_features=features)
+
+
+def unseen_context_triples(checkpoint, graph: TypedGraph) -> torch.Tensor:
+    """(P, 3) the unseen users' context pairs as (unseen position, chosen index, rejected index) in `checkpoint`."""
+    idx = checkpoint.response_indices([h for pairs in graph.unseen_context for pair in pairs for h in pair]).view(-1, 2)
+    owner = torch.repeat_interleave(torch.arange(len(graph.unseen_context)),
+                                    torch.tensor([len(p) for p in graph.unseen_context]))
+    return torch.cat([owner[:, None], idx], dim=1)

@@ -15,25 +15,17 @@ from graph_service.embeddings import GNNCheckpoint, Source
 from graph_service.gnn_eval import evaluate_pairs
 from graph_service.gnn_training import graph_half_evidence, train_gnn
 from graph_service.snapshot import GraphSnapshot
-from testkit.typed_graph import typed_graph
+from testkit.typed_graph import attribute_features, sparse_typed_run, typed_graph, unseen_context_triples
 from trainer.profiles import profile
 
 GRAPH_ONLY = dataclasses.replace(profile("tiny").gnn, max_steps=60, patience=100, content=None)
 JOINED = dataclasses.replace(GRAPH_ONLY, content=ContentConfig(dim=8, steps=200))
 
 
-def _features(graph, seed=0):
-    """The responses' hidden attribute scores plus noise: stand-ins for the backbone's text features."""
-    noise = torch.randn(graph.response_attributes.shape, generator=torch.Generator().manual_seed(seed))
-    return graph.response_attributes + 0.05 * noise
-
-
 @pytest.fixture(scope="module")
 def sparse():
     """4 pairs a user: the graph alone cannot place users well here."""
-    graph = typed_graph(200, num_unseen=40, num_types=3, pairs_per_user=4, test_pairs_per_user=4, seed=5)
-    features = _features(graph)
-    return graph, features, train_gnn(graph.snapshot, JOINED, progress=False, response_features=features)
+    return sparse_typed_run(JOINED)
 
 
 def test_the_content_half_places_sparse_users_the_graph_alone_cannot(sparse):
@@ -55,7 +47,7 @@ def test_a_pair_never_predicts_itself():
     triples = graph.snapshot.triples.clone()
     flip = torch.rand(len(triples), generator=torch.Generator().manual_seed(0)) < 0.5
     triples[flip, 1], triples[flip, 2] = graph.snapshot.triples[flip, 2], graph.snapshot.triples[flip, 1]
-    tower = fit_content_tower(_features(graph), triples, graph.snapshot.num_users, ContentConfig(dim=8, steps=200))
+    tower = fit_content_tower(attribute_features(graph), triples, graph.snapshot.num_users, ContentConfig(dim=8, steps=200))
     assert tower.final_loss > math.log(2) - 0.03
 
 
@@ -77,11 +69,9 @@ def test_an_unseen_users_content_half_comes_from_their_own_pairs(sparse):
     adapted = adapt(ck, graph.unseen_context)
     assert all(s is Source.ADAPTED for s in adapted.sources)
     k = ck.content_dim
-    idx = ck.response_indices([h for pairs in graph.unseen_context for pair in pairs for h in pair]).view(-1, 2)
-    owner = torch.repeat_interleave(torch.arange(len(graph.unseen_context)),
-                                    torch.tensor([len(p) for p in graph.unseen_context]))
+    owner, chosen, rejected = unseen_context_triples(ck, graph).T
     sums = torch.zeros(len(graph.unseen_context), k).index_add_(
-        0, owner, ck.response_content[idx[:, 0]] - ck.response_content[idx[:, 1]])
+        0, owner, ck.response_content[chosen] - ck.response_content[rejected])
     torch.testing.assert_close(adapted.embeddings[:, -k:] * math.sqrt(2), F.normalize(sums, dim=1))
     test = graph.unseen_test
     accuracy = evaluate_pairs(ck, adapted.embeddings[test[:, 0]], test[:, 1], test[:, 2])

@@ -16,18 +16,12 @@ from graph_service.gnn_eval import evaluate_pairs
 from graph_service.gnn_training import GNNTrainConfig, train_gnn
 from graph_service.snapshot import GraphSnapshot
 from graph_service.latent_types import TypesConfig, fit_latent_types, leave_pair_out, posteriors
-from testkit.typed_graph import typed_graph
+from testkit.typed_graph import attribute_features, sparse_typed_run, typed_graph, unseen_context_triples
 from trainer.pipeline import RewardJob
 from trainer.profiles import profile
 
 TYPED = dataclasses.replace(profile("tiny").gnn, max_steps=60, patience=100, content=None,
                             types=TypesConfig(max_types=5, restarts=2))
-
-
-def _features(graph, seed=0):
-    """The responses' hidden attribute scores plus noise: stand-ins for the backbone's text features."""
-    noise = torch.randn(graph.response_attributes.shape, generator=torch.Generator().manual_seed(seed))
-    return graph.response_attributes + 0.05 * noise
 
 
 def _purity(called: torch.Tensor, truth: torch.Tensor) -> float:
@@ -40,9 +34,7 @@ def _purity(called: torch.Tensor, truth: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def sparse():
     """3 types, 4 pairs a user."""
-    graph = typed_graph(200, num_unseen=40, num_types=3, pairs_per_user=4, test_pairs_per_user=4, seed=5)
-    features = _features(graph)
-    return graph, features, train_gnn(graph.snapshot, TYPED, progress=False, response_features=features)
+    return sparse_typed_run(TYPED)
 
 
 def test_em_names_the_planted_types_and_reads_their_number_from_the_selection_pairs(sparse):
@@ -70,7 +62,7 @@ def test_one_kind_of_user_gives_one_type():
     flip = reward[triples[:, 1]] < reward[triples[:, 2]]
     triples[flip, 1], triples[flip, 2] = graph.snapshot.triples[flip, 2], graph.snapshot.triples[flip, 1]
     snapshot = GraphSnapshot(graph.snapshot.user_ids, graph.snapshot.response_ids, triples)
-    run = train_gnn(snapshot, TYPED, progress=False, response_features=_features(graph))
+    run = train_gnn(snapshot, TYPED, progress=False, response_features=attribute_features(graph))
     ck = run.checkpoint
     assert ck.metrics["latent_types"]["types"] == 1
     half = ck.user_embeddings[:, -TYPED.types.max_types:]
@@ -124,10 +116,7 @@ def test_an_unseen_users_posterior_comes_from_their_own_pairs(sparse):
     adapted = adapt(ck, graph.unseen_context)
     assert all(s is Source.ADAPTED for s in adapted.sources)
     k = ck.content_dim
-    idx = ck.response_indices([h for pairs in graph.unseen_context for pair in pairs for h in pair]).view(-1, 2)
-    owner = torch.repeat_interleave(torch.arange(len(graph.unseen_context)),
-                                    torch.tensor([len(p) for p in graph.unseen_context]))
-    own = posteriors(ck.response_content, ck.type_log_prior, torch.stack([owner, idx[:, 0], idx[:, 1]], dim=1),
+    own = posteriors(ck.response_content, ck.type_log_prior, unseen_context_triples(ck, graph),
                      len(graph.unseen_context))
     torch.testing.assert_close(adapted.embeddings[:, -k:] * math.sqrt(2), own)
     assert _purity(own.argmax(dim=1), graph.unseen_types) > 0.85
