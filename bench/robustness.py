@@ -162,8 +162,8 @@ def main() -> None:
     parser.add_argument("--reward-seed", type=int, default=0,
                         help="the reward models' seed (default 0, the profile's); rows of each seed are kept apart")
     parser.add_argument("--embeddings-only", action="store_true",
-                        help="train only the profile's GNN, with and without its content tower, and print held-out "
-                             "accuracy and type separability per regime (no reward model; seconds a regime)")
+                        help="train only the profile's GNN, with and without its content half, and print held-out "
+                             "accuracy and type separability per regime (no reward model; seconds to minutes a regime)")
     args = parser.parse_args()
     if args.list:
         print("\n".join(r.name for r in GRID))

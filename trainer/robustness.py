@@ -196,10 +196,10 @@ def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
 
 
 def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dict:
-    """The user embeddings alone, in seconds: train only the GNN (and its content tower, if the config has one)
-    on the regime's seen users and return its held-out context accuracy and type separability, seen and
-    unseen (adapted from their context pairs, as the graph service would); with a tower, also the separability of
-    the joined table's graph half alone and its evidence metric (gnn_training.graph_half_evidence)."""
+    """The user embeddings alone, in seconds to minutes: train only the GNN (and its content half, if the config has
+    one) on the regime's seen users and return its held-out context accuracy and type separability, seen and
+    unseen (adapted from their context pairs, as the graph service would); with a content half, also the
+    separability of the joined table's graph half alone and its evidence metric (gnn_training.graph_half_evidence)."""
     data = work / regime.name
     if not (data / "store.db").exists():
         _write_and_ingest_seen(regime, data)
