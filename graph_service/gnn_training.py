@@ -10,8 +10,8 @@ paper's code repropagates the whole graph for every 1,024 triples, so its epoch 
 Held-out pairs (graph_service/holdout.py, the paper's `context_unseen` idea) have none of their edges in
 the training graph. The selection part picks the weights: the graph alone by its best accuracy (ties: lower
 loss); with a content half (tower or latent types), by the joined model's (what gets published) lowest loss: its
-accuracy starts high with the content half's and plateaus, so patience stopped the graph half before it learned (uf-p-4: step 31,
-held-out 0.92), while the loss keeps falling as long as the graph half adds something (step 150, 0.97). The report
+accuracy starts high with the content half's and plateaus, so patience stopped the graph half before it learned
+(uf-p-4: step 31, held-out 0.92), while the loss keeps falling as long as the graph half adds something (step 150, 0.97). The report
 part is scored once, with the kept weights, on the training graph. The published tables are then
 propagated once over the full snapshot, held-out pairs included: the weights are fixed, and in
 production every stored preference should inform the users.

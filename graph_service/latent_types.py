@@ -14,8 +14,11 @@ fitted by EM on the training pairs (E: every user's posterior; M: one ridge-pena
 each pair weighted by its user's posterior), several random starts, the best penalized likelihood kept. K and the
 ridge are chosen on the selection pairs, by the mean log-likelihood of each held-out pair under its user's posterior
 from their training pairs (K = 1, 2, ... until `patience` more types in a row do no better; a type EM leaves empty
-does not count): a user brings data, and the number of kinds of users in it is read from it. K = 1 is among the choices (one reward for everyone: the half
-then says nothing, and the graph half carries the user); it is the choice when there is no selection pair.
+does not count): a user brings data, and the number of kinds of users in it is read from it. K = 1 is among the
+choices (one reward for everyone: the half then says nothing, and the graph half carries the user); it is the choice
+when there is no selection pair. Measured against the tower on the robustness grid (docs/RESULTS.md): the number of
+types found matched the generator's on 10 of 13 regimes, and the smallest gap closed rose from 0.32 / 0.24 to
+0.40 / 0.44.
 
 Published form, the content half's two tables (checkpoint `response_content` and `type_log_prior`):
   response side  S (R, width): column k holds <w_k, f_r> (columns past K are zero)
@@ -95,10 +98,12 @@ def posteriors(scores: torch.Tensor, log_prior: torch.Tensor, triples: torch.Ten
     return out
 
 
-def leave_pair_out(users: torch.Tensor, scores: torch.Tensor, log_prior: torch.Tensor, triples: torch.Tensor) -> torch.Tensor:
+def leave_pair_out(users: torch.Tensor, scores: torch.Tensor, log_prior: torch.Tensor,
+                   triples: torch.Tensor) -> torch.Tensor:
     """(P, d): for each pair of `triples` (the training pairs the joined `users` (U, d) were built from), its user's
     joined embedding with the content half their posterior from their OTHER pairs (content_tower.leave_pair_out says
-    why the reward model must not read a pair's own label in its user's embedding)."""
+    why the reward model must not read a pair's own label in its user's embedding); a user's only pair leaves the
+    prior's."""
     u = triples[:, 0]
     per_pair = pair_log_likelihoods(scores, triples)                                             # (P, k)
     log_lik = torch.zeros(users.shape[0], scores.shape[1], dtype=scores.dtype, device=scores.device).index_add_(
