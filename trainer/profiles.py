@@ -5,8 +5,9 @@ Wall times on 2 CPU cores (AMD EPYC, bf16 backbone), from the README's measureme
 
   tiny   tests and smoke runs: the whole `copl demo` (400 users of uf-p-2: synth, ingest, train, eval)
          took 24 s on a quiet machine.
-  small  accuracy runs on CPU: 1,000 users of uf-p-4 train in 3-3.6 minutes (`copl demo --preset uf-p-4
-         --users 1000 --profile small`; bench/accuracy.py's "train s" column, docs/RESULTS.md).
+  small  accuracy runs on CPU: 1,000 users of uf-p-4 trained in 3-3.6 minutes with the content tower (`copl demo
+         --preset uf-p-4 --users 1000 --profile small`; bench/accuracy.py's "train s" column, docs/RESULTS.md);
+         latent types add EM's choice of K, 2-3.5 minutes at 1,000 users (measured with other runs on the cores).
   paper  the paper's reference sizes (GNN 4 x 512; MoLE E=8, k=1, r=8, alpha=16 on every block), for a GPU.
 """
 from __future__ import annotations
