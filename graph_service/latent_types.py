@@ -82,17 +82,23 @@ def pair_log_likelihoods(scores: torch.Tensor, triples: torch.Tensor) -> torch.T
     return F.logsigmoid(scores.index_select(0, triples[:, 1]) - scores.index_select(0, triples[:, 2]))
 
 
-def posteriors(scores: torch.Tensor, log_prior: torch.Tensor, triples: torch.Tensor, num_users: int,
-               chunk: int = 1 << 20) -> torch.Tensor:
-    """(U, width) each user's posterior over the types from their rows of `triples`, unit L2 norm (the direction is
-    what the reward model's gates read, as for every other embedding); a user without pairs gets the prior's. Only
-    the K used columns are computed, `chunk` triples at a time: memory stays at U x K plus one chunk."""
-    used = torch.isfinite(log_prior)
-    used_scores = scores[:, used]
-    log_lik = torch.zeros(num_users, int(used.sum()), dtype=scores.dtype, device=scores.device)
+def user_log_likelihoods(scores: torch.Tensor, triples: torch.Tensor, num_users: int,
+                         chunk: int = 1 << 20) -> torch.Tensor:
+    """(U, K) log P(user's pairs | type) summed over each user's rows of `triples`, `chunk` triples at a time: memory
+    stays at U x K plus one chunk."""
+    log_lik = torch.zeros(num_users, scores.shape[1], dtype=scores.dtype, device=scores.device)
     for lo in range(0, triples.shape[0], chunk):
         part = triples[lo:lo + chunk]
-        log_lik.index_add_(0, part[:, 0], pair_log_likelihoods(used_scores, part))
+        log_lik.index_add_(0, part[:, 0], pair_log_likelihoods(scores, part))
+    return log_lik
+
+
+def posteriors(scores: torch.Tensor, log_prior: torch.Tensor, triples: torch.Tensor, num_users: int) -> torch.Tensor:
+    """(U, width) each user's posterior over the types from their rows of `triples`, unit L2 norm (the direction is
+    what the reward model's gates read, as for every other embedding); a user without pairs gets the prior's. Only
+    the K used columns are computed."""
+    used = torch.isfinite(log_prior)
+    log_lik = user_log_likelihoods(scores[:, used], triples, num_users)
     out = torch.zeros(num_users, scores.shape[1], dtype=scores.dtype, device=scores.device)
     out[:, used] = F.normalize(torch.softmax(log_lik + log_prior[used], dim=1), dim=1)
     return out
@@ -124,6 +130,7 @@ def fit_latent_types(features: torch.Tensor, train: torch.Tensor, selection: tor
     scale = (f.index_select(0, sample[:, 1]) - f.index_select(0, sample[:, 2])).norm(dim=1).mean().clamp(min=1e-12)
     f = f / scale                                    # unit mean difference: the ridges mean the same at any backbone
     diffs = f.index_select(0, sample[:, 1]) - f.index_select(0, sample[:, 2])                      # (P, c)
+    selection_context = train[torch.isin(train[:, 0], selection[:, 0])]   # only the selection users' posteriors count
     fitted_users = torch.unique(sample[:, 0]).numel()
     held_out = selection.shape[0] > 0
     ridges = config.ridges if held_out else config.ridges[len(config.ridges) // 2:][:1]   # nothing to choose on
@@ -134,7 +141,7 @@ def fit_latent_types(features: torch.Tensor, train: torch.Tensor, selection: tor
             used = log_prior.exp() * fitted_users >= 0.5     # a type EM left (near) empty is not one
             w, log_prior = w[used], log_prior[used] - log_prior[used].logsumexp(0)
             scores = f @ w.T                                                                         # (R, K)
-            losses = _selection_losses(scores, log_prior, train, selection, num_users)
+            losses = _selection_losses(scores, log_prior, selection_context, selection, num_users)
             fits.append((int(used.sum()), ridge, scores, log_prior, losses))
         if held_out and k - min(fits, key=lambda fit: fit[4].mean())[0] >= config.patience:
             break                                # more types stopped explaining the held-out pairs better
@@ -149,13 +156,12 @@ def fit_latent_types(features: torch.Tensor, train: torch.Tensor, selection: tor
         "types": k, "ridge": ridge, "selection_loss": loss, "seconds": time.perf_counter() - start})
 
 
-def _selection_losses(scores: torch.Tensor, log_prior: torch.Tensor, train: torch.Tensor, selection: torch.Tensor,
+def _selection_losses(scores: torch.Tensor, log_prior: torch.Tensor, context: torch.Tensor, selection: torch.Tensor,
                       num_users: int) -> torch.Tensor:
-    """(N,) -log P(held-out pair) under its user's posterior from their training pairs (the mixture, not unit-norm)."""
-    train = train[torch.isin(train[:, 0], selection[:, 0])]           # only the selection users' posteriors count
-    log_lik = torch.zeros(num_users, scores.shape[1], dtype=scores.dtype, device=scores.device).index_add_(
-        0, train[:, 0], pair_log_likelihoods(scores, train))
-    log_post = torch.log_softmax(log_lik + log_prior, dim=1).index_select(0, selection[:, 0])
+    """(N,) -log P(held-out pair) under its user's posterior from their training pairs `context` (the mixture, not
+    unit-norm)."""
+    log_post = torch.log_softmax(user_log_likelihoods(scores, context, num_users) + log_prior, dim=1)
+    log_post = log_post.index_select(0, selection[:, 0])
     return -torch.logsumexp(log_post + pair_log_likelihoods(scores, selection), dim=1)
 
 
