@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from copl_common.plots import save_gap_chart
+from graph_service.ingest import ingest_files
+from graph_service.store import PreferenceStore
 from trainer.evaluate import load_release_parts
 from trainer.pipeline import TrainRequest, train_release, type_one_hot
 from trainer.profiles import profile
 from trainer.robustness import (Regime, embedding_figures, gap_closed, read_rows, run_regime, save_row, seed_summary,
-                                separability)
+                                separability, write_and_ingest_seen)
 
 
 def test_separability_by_hand():
@@ -104,6 +106,21 @@ def test_embedding_figures_split_the_joined_embedding_by_half(tmp_path):
     assert set(figures["graph_half"]) == {"own_accuracy", "population_accuracy", "z"}
     graph_only = embedding_figures(regime, tmp_path, replace(joined, content=None))
     assert graph_only["graph_half"] is None and graph_only["separability_graph_half"] is None
+
+
+def test_a_kept_folder_of_an_earlier_run_gets_a_fresh_store_of_the_seen_users(tmp_path):
+    """A second run into the same --keep folder: score_regime had ingested the later users into the first run's
+    store; the second run's store holds the seen users alone again, or its GNN would train on the unseen ones."""
+    regime = Regime("t", users=30, pairs=2, prompts=6)
+    data = tmp_path / regime.name
+    write_and_ingest_seen(regime, data)
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+        seen = store.stats()
+        ingest_files(store, [data / "train_unseen.jsonl"], progress=False)   # as score_regime does
+        assert store.stats() != seen
+    write_and_ingest_seen(regime, data)
+    with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
+        assert store.stats() == seen
 
 
 def test_gap_chart_is_a_png_and_takes_a_missing_figure(tmp_path):

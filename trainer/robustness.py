@@ -126,7 +126,7 @@ def run_regime(regime: Regime, work: Path, profile: str = "small", progress: boo
     if unknown or "copl" not in retrain:
         raise ValueError(f"retrain names variants of {sorted(VARIANTS)}, copl among them; got {sorted(retrain)}")
     data = work / regime.name
-    _write_and_ingest_seen(regime, data)
+    write_and_ingest_seen(regime, data)
     url = f"sqlite:///{data / 'store.db'}"
     variants = {v: VARIANTS[v] for v in (retrain if earlier else VARIANTS)}
     releases = {name: train_release(TrainRequest(db_url=url, registry=data / "registry", profile=profile,
@@ -188,9 +188,13 @@ def _mean(values: list[float | None]) -> float | None:
     return None if None in values else sum(values) / len(values)
 
 
-def _write_and_ingest_seen(regime: Regime, data: Path) -> None:
-    """The regime's files in `data`, and its seen users in a SQLite store there (data/store.db)."""
+def write_and_ingest_seen(regime: Regime, data: Path) -> None:
+    """The regime's files in `data`, and its seen users in a fresh SQLite store there (data/store.db): a kept folder
+    of an earlier run holds the later users too (score_regime ingests them), and a GNN trained on that store would
+    train on them."""
     regime.write_data(data)
+    for leftover in (data / name for name in ("store.db", "store.db-wal", "store.db-shm", "store.db-journal")):
+        leftover.unlink(missing_ok=True)
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         ingest_files(store, [data / "train_seen.jsonl"], progress=False)
 
@@ -201,8 +205,7 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
     unseen (adapted from their context pairs, as the graph service would); with a content half, also the
     separability of the joined table's graph half alone and its evidence metric (gnn_training.graph_half_evidence)."""
     data = work / regime.name
-    if not (data / "store.db").exists():
-        _write_and_ingest_seen(regime, data)
+    write_and_ingest_seen(regime, data)
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         snapshot, texts = store.snapshot_with_texts()
     features = snapshot_features(snapshot, texts) if config.content_dim else None
