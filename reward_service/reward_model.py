@@ -60,8 +60,6 @@ class RewardModelConfig:
     # and head stay fp32)
     seed: int = 0  # adapter, gate and head initialization
     user_head_rank: int = 0  # m of the bilinear user head (module docstring); 0: the paper's scalar head only
-    content_columns: int = 0  # > 0: the gates and the user head read only the embedding's last `content_columns`
-    # columns (the content half), at unit norm (module docstring); set by the trainer, 0: the whole embedding
     mole: MoLEConfig = field(default_factory=MoLEConfig)
 
     def __post_init__(self):
@@ -73,9 +71,6 @@ class RewardModelConfig:
             raise ValueError("max_length must be >= 2")
         if self.user_head_rank < 0:
             raise ValueError("user_head_rank must be >= 0")
-        if not 0 <= self.content_columns < self.mole.user_dim:
-            raise ValueError(f"content_columns must be in [0, user_dim = {self.mole.user_dim}), "
-                             f"got {self.content_columns}")
 
 
 @contextlib.contextmanager
@@ -197,20 +192,10 @@ class RewardModel(nn.Module):
         """The pooled last hidden states (B, hidden) fp32 that the heads read (`forward` without the heads)."""
         self._check_user_emb(user_emb, input_ids.shape[0])
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        user_emb = None if user_emb is None else self.user_input(user_emb.to(self.device))
+        user_emb = None if user_emb is None else user_emb.to(self.device)
         with route(self.mole_layers, user_emb):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         return self._pool(hidden, attention_mask)
-
-    def user_input(self, user_emb: torch.Tensor) -> torch.Tensor:
-        """What the gates and the user head read of (B, d_user) embeddings: all of it, or with `content_columns` the
-        content half alone at unit norm and the graph half as zero (the weights keep their shapes, and a one-hot
-        type reads as the oracle's does)."""
-        c = self.cfg.content_columns
-        if not c:
-            return user_emb
-        content = nn.functional.normalize(user_emb[:, -c:].float(), dim=1).to(user_emb.dtype)
-        return torch.cat([torch.zeros_like(user_emb[:, :-c]), content], dim=1)
 
     def _check_user_emb(self, user_emb: torch.Tensor | None, batch: int) -> None:
         if user_emb is not None and (user_emb.dim() != 2 or user_emb.shape != (batch, self.cfg.mole.user_dim)):
@@ -270,7 +255,7 @@ class RewardModel(nn.Module):
         lengths = torch.tensor([h.shape[0] for h in states], device=hidden.device)  # (B,)
         mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()  # (B, T)
         frozen = {i: _Inject(hidden) for i in range(self.frozen_blocks)}
-        user_emb = None if user_emb is None else self.user_input(user_emb.to(self.device))
+        user_emb = None if user_emb is None else user_emb.to(self.device)
         with self._blocks_replaced(frozen), route(self.mole_layers, user_emb):
             # inputs_embeds only fixes the shape: the first stand-in block discards what the embeddings make of it
             out = self.backbone(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
@@ -292,7 +277,7 @@ class RewardModel(nn.Module):
         """The heads: (B, d) pooled states, (B, d_user) user embeddings -> (B,) fp32 rewards."""
         reward = self.head(pooled).squeeze(-1)  # (B,)
         if self.user_head is not None:
-            reward = reward + self.user_head(pooled, self.user_input(user_emb.to(pooled.device)))
+            reward = reward + self.user_head(pooled, user_emb.to(pooled.device))
         return reward
 
     @torch.inference_mode()

@@ -131,8 +131,8 @@ class _PairTexts:
     @torch.no_grad()
     def pooled_differences(self, model: RewardModel, rows: Sequence[int], batch_size: int,
                            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled chosen minus pooled rejected (N, hidden) and the users (N, d_user) as the heads read them
-        (RewardModel.user_input), in eval mode: what a head that is linear in the pooled state sees of a pair."""
+        """Pooled chosen minus pooled rejected (N, hidden) and the users (N, d_user), in eval mode: what a head
+        that is linear in the pooled state sees of a pair."""
         diffs, users = [], []
         with eval_mode(model):
             for i in tqdm(range(0, len(rows), batch_size), desc="user head features", unit="batch",
@@ -140,7 +140,7 @@ class _PairTexts:
                 pooled, u = self.pooled(model, rows[i:i + batch_size])
                 chosen, rejected = pooled.chunk(2)
                 diffs.append(chosen - rejected)
-                users.append(model.user_input(u.chunk(2)[0]))
+                users.append(u.chunk(2)[0])
         return torch.cat(diffs), torch.cat(users)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from graph_service.gnn_training import GNNTrainConfig, train_gnn
 from graph_service.snapshot import GraphSnapshot
 from graph_service.latent_types import TypesConfig, fit_latent_types, leave_pair_out, posteriors
 from testkit.typed_graph import attribute_features, sparse_typed_run, typed_graph, unseen_context_triples
-from trainer.pipeline import GRAPH_HALF_MIN_Z, RewardJob, reads_content_half
+from trainer.pipeline import RewardJob
 from trainer.profiles import profile
 
 TYPED = dataclasses.replace(profile("tiny").gnn, max_steps=60, patience=100, content=None,
@@ -96,19 +96,6 @@ def test_the_reward_models_training_pairs_leave_themselves_out(sparse):
                     run.holdout.train, run.holdout.selection, run.holdout.report, content_side=ck.response_content,
                     type_log_prior=ck.type_log_prior)
     torch.testing.assert_close(torch.stack([e.user_emb for e in job.training_examples()]), rows)
-
-
-def test_the_reward_model_reads_the_content_half_alone_where_the_graph_half_shows_no_user(sparse):
-    """pipeline.reads_content_half: with latent types and a graph half whose own-vector scores beat the mean user's
-    by less than GRAPH_HALF_MIN_Z on the selection pairs; not with evidence, without it, or without types."""
-    ck = sparse[2].checkpoint
-    evidence = ck.metrics["graph_half"]
-
-    def with_z(z):
-        return dataclasses.replace(ck, metrics={**ck.metrics, "graph_half": {**evidence, "z": z}})
-    assert reads_content_half(with_z(GRAPH_HALF_MIN_Z - 0.1)) and not reads_content_half(with_z(GRAPH_HALF_MIN_Z))
-    assert not reads_content_half(dataclasses.replace(ck, metrics={**ck.metrics, "graph_half": None}))
-    assert not reads_content_half(dataclasses.replace(with_z(0.0), type_log_prior=None))
 
 
 def test_checkpoint_round_trip_keeps_the_type_tables(sparse, tmp_path):

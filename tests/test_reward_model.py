@@ -145,31 +145,6 @@ def test_user_head_starts_at_the_shared_reward_then_personalizes_alone():
     assert (scores - scores[0]).abs().max() > 1e-3
 
 
-def test_content_columns_read_the_content_half_alone_at_unit_norm(tmp_path):
-    """With content_columns = c the gates and the user head read the last c columns at unit norm: the first columns
-    and the content half's scale change nothing, its direction does; a saved model loads with the setting."""
-    c = 4
-    model = randomize(RewardModel(RewardModelConfig(max_length=48, device="cpu", dtype="float32", user_head_rank=4,
-                                                    content_columns=c,
-                                                    mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))))
-    enc = model.tokenize(PROMPTS, RESPONSES)
-    torch.manual_seed(1)
-    users = torch.randn(len(PROMPTS), D_USER)
-    other_graph_half = torch.cat([torch.randn(len(PROMPTS), D_USER - c), users[:, -c:] * 3.0], dim=1)
-    other_content = torch.cat([users[:, :-c], torch.randn(len(PROMPTS), c)], dim=1)
-    with torch.no_grad():
-        base = model(**enc, user_emb=users)
-        torch.testing.assert_close(model(**enc, user_emb=other_graph_half), base)
-        assert (model(**enc, user_emb=other_content) - base).abs().max() > 1e-3
-    model.save(tmp_path)
-    loaded = RewardModel.load(tmp_path)
-    assert loaded.cfg.content_columns == c
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**enc, user_emb=other_graph_half), base)
-    with pytest.raises(ValueError, match="content_columns"):
-        RewardModelConfig(content_columns=D_USER, mole=MoLEConfig(user_dim=D_USER))
-
-
 def test_decoder_backbone_last_token_pooling(llama_dir):
     model = randomize(RewardModel(RewardModelConfig(backbone=llama_dir, max_length=48, device="cpu", dtype="float32",
                                                     mole=MoLEConfig(user_dim=D_USER, num_experts=4, rank=4))))

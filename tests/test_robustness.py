@@ -12,7 +12,7 @@ from copl_common.plots import save_gap_chart
 from graph_service.ingest import ingest_files
 from graph_service.store import PreferenceStore
 from trainer.evaluate import load_release_parts
-from trainer.pipeline import GRAPH_HALF_MIN_Z, TrainRequest, train_release, type_one_hot
+from trainer.pipeline import TrainRequest, train_release, type_one_hot
 from trainer.profiles import profile
 from trainer.robustness import (Regime, embedding_figures, gap_closed, read_rows, run_regime, save_row, seed_summary,
                                 separability, write_and_ingest_seen)
@@ -143,5 +143,3 @@ def test_small_styles_regime_copl_closes_most_of_the_gap(tmp_path):
     assert row["gap_closed_seen"] >= 0.4 and row["copl"]["seen"] - row["baseline"]["seen"] >= 0.1, row
     assert row["gap_closed_unseen"] >= 0.4, row
     assert row["separability_seen"] >= 0.85 and row["separability_unseen"] >= 0.8, row
-    reward_input = row["copl_reward_input"]     # the pipeline's rule, end to end (pipeline.reads_content_half)
-    assert reward_input["content_columns"] == (32 if reward_input["graph_half_z"] < GRAPH_HALF_MIN_Z else 0), row

@@ -22,8 +22,7 @@ nothing looks at before training ends. The release's metrics (metrics.json, and 
                     report_loss, selection_pairs, checked_pairs, best_check_accuracy, best_step, steps,
                     stopped_early, user_head (the head's fit after the adapters: best_step (lowest selection
                     loss), gain_z (its per-pair loss drop in standard errors), kept_step (0: left at zero), steps,
-                    selection loss and accuracy at zero and kept; None without a head), config, content_columns
-                    (> 0: the reward model read only the content half of the embedding: `reads_content_half`)
+                    selection loss and accuracy at zero and kept; None without a head), config
   seconds           wall time of the whole run
 A selection_* figure picked the weights, so it is optimistic; only report_* figures are held out.
 """
@@ -42,7 +41,6 @@ import torch
 from copl_common.checksums import sha256_file
 from copl_common.registry import Registry, Release
 from graph_service import content_tower, latent_types
-from graph_service.embeddings import GNNCheckpoint
 from graph_service.gnn_training import GNNTrainConfig, TrainedGNN, train_gnn
 from graph_service.holdout import Holdout, holdout_split
 from graph_service.snapshot import GraphSnapshot
@@ -76,21 +74,6 @@ class TrainRequest:
                                            # report_accuracy a release may be and still become current
     force: bool = False                    # make the release current even if the gate rejects it
     progress: bool = True
-
-
-GRAPH_HALF_MIN_Z = 2.0   # the graph half's sign test on the selection pairs (gnn.graph_half z) must reach this for
-                         # the reward model to read it beside the latent types
-
-
-def reads_content_half(checkpoint: GNNCheckpoint) -> bool:
-    """Should the reward model read only the content half of the joined embedding? Yes with latent types, when the
-    graph half shows no personal evidence on the selection pairs (its own vector no better than the mean user's,
-    z < GRAPH_HALF_MIN_Z): then it says how good a response is for everyone, which the reward model learns without
-    a user, and its 64 columns only blur the type call for the gates (measured on the robustness grid: docs/
-    RESULTS.md, "The reward model reads the content half"). Without selection pairs there is no evidence either way,
-    and the paper's whole embedding stays."""
-    evidence = checkpoint.metrics.get("graph_half")
-    return checkpoint.type_log_prior is not None and evidence is not None and evidence["z"] < GRAPH_HALF_MIN_Z
 
 
 @dataclass(frozen=True)
@@ -245,8 +228,6 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
         # published (full-graph) embeddings have seen their held-out pairs. Serving uses the published ones.
         # Its training pairs leave themselves out of their user's content half (RewardJob.training_examples).
         own_content = request.user_embeddings == "gnn"
-        if own_content and request.personalized and reads_content_half(checkpoint):
-            rm_model_cfg = replace(rm_model_cfg, content_columns=checkpoint.response_content.shape[1])
         job = RewardJob(rm_model_cfg, rm_train_cfg, texts, snapshot.triples,
                         users if request.personalized else None, *holdout,
                         content_side=checkpoint.response_content if own_content else None,
@@ -262,7 +243,7 @@ def _train_release(request: TrainRequest, prof: Profile, rm_model_cfg: RewardMod
             "gnn": {k: checkpoint.metrics[k] for k in ("selection_accuracy", "selection_loss", "report_accuracy",
                                                         "best_step", "steps", "train_seconds", "graph_half",
                                                         "latent_types")},
-            "reward": {**reward, "content_columns": rm_model_cfg.content_columns},
+            "reward": reward,
             "seconds": time.perf_counter() - started,
         }
         manifest = {

@@ -264,7 +264,7 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
         unseen_ids = sorted({r["user_id"] for r in map(json.loads, open(data / "train_unseen.jsonl"))})
         adapted = UserEmbeddingResolver(checkpoint, store).resolve(unseen_ids).embeddings if unseen_ids else None
     seen_types = [group_of[u] for u in checkpoint.user_ids]
-    gnn, reward_metrics = (releases["copl"].manifest["metrics"][stage] for stage in ("gnn", "reward"))
+    gnn = releases["copl"].manifest["metrics"]["gnn"]
     figures = {v: {"seen": scored[v]["seen"]["accuracy"], "unseen": scored[v]["unseen"]["accuracy"]}
                if v in scored else earlier[v] for v in VARIANTS}
     steps = {v: releases[v].manifest["metrics"]["reward"]["steps"] if v in releases else earlier["reward_steps"][v]
@@ -282,10 +282,6 @@ def score_regime(regime: Regime, data: Path, releases: dict[str, Release], profi
         "separability_unseen": (separability(checkpoint.user_embeddings, seen_types, adapted,
                                              [group_of[u] for u in unseen_ids]) if adapted is not None else None),
         "type_ceiling": regime.type_ceiling(),
-        # what CoPL's reward model read of the embedding, and the graph half's evidence that chose it
-        # (pipeline.reads_content_half; releases from before that rule read the whole embedding)
-        "copl_reward_input": {"content_columns": reward_metrics.get("content_columns", 0),
-                              "graph_half_z": (gnn["graph_half"] or {}).get("z")},
         "reward_steps": steps, "train_seconds": seconds,
         # variants whose figures come from the earlier row (rows written before --retrain say
         # baseline_oracle_from_earlier_run instead)
