@@ -113,7 +113,7 @@ def embeddings_only(args, regimes: list[Regime]) -> None:
         work = args.keep or Path(tmp)
         for i, regime in enumerate(regimes):
             print(f"[{i + 1}/{len(regimes)}] {regime.name} ...", file=sys.stderr, flush=True)
-            rows.append({"regime": regime.name, **{v: embedding_figures(regime, work, c) for v, c in variants.items()}})
+            rows.append({"regime": regime.name, **embedding_figures(regime, work, variants)})
     print(f"profile {args.profile}; held-out = the GNN's accuracy on held-out context pairs (report part); "
           "separability = leave-one-out nearest-centroid accuracy of the user embeddings against the true type, "
           "seen / unseen (adapted); its graph half = columns 0..d_gnn-1 of the joined embedding alone; z = its "

@@ -101,10 +101,10 @@ def test_embedding_figures_split_the_joined_embedding_by_half(tmp_path):
     the whole and of the graph half alone, the graph half's evidence; a graph-only GNN has no halves to split."""
     regime = Regime("t", users=60, pairs=4, prompts=8)
     joined = profile("tiny").gnn
-    figures = embedding_figures(regime, tmp_path, joined)
+    both = embedding_figures(regime, tmp_path, {"joined": joined, "graph only": replace(joined, content=None)})
+    figures, graph_only = both["joined"], both["graph only"]
     assert 0.0 <= figures["separability_graph_half"] <= 1.0 and 0.0 <= figures["separability_seen"] <= 1.0
     assert set(figures["graph_half"]) == {"own_accuracy", "population_accuracy", "z"}
-    graph_only = embedding_figures(regime, tmp_path, replace(joined, content=None))
     assert graph_only["graph_half"] is None and graph_only["separability_graph_half"] is None
 
 

@@ -199,20 +199,17 @@ def write_and_ingest_seen(regime: Regime, data: Path) -> None:
         ingest_files(store, [data / "train_seen.jsonl"], progress=False)
 
 
-def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dict:
-    """The user embeddings alone, in seconds to minutes: train only the GNN (and its content half, if the config has
-    one) on the regime's seen users and return its held-out context accuracy and type separability, seen and
-    unseen (adapted from their context pairs, as the graph service would); with a content half, also the
-    separability of the joined table's graph half alone and its evidence metric (gnn_training.graph_half_evidence)."""
+def embedding_figures(regime: Regime, work: Path, configs: dict[str, GNNTrainConfig]) -> dict[str, dict]:
+    """The user embeddings alone, in seconds to minutes: per named config, train only the GNN (and its content half,
+    if the config has one) on the regime's seen users and return its held-out context accuracy and type
+    separability, seen and unseen (adapted from their context pairs, as the graph service would); with a content
+    half, also the separability of the joined table's graph half alone and its evidence metric
+    (gnn_training.graph_half_evidence). The store, the features and the users' types are read once for all."""
     data = work / regime.name
     write_and_ingest_seen(regime, data)
     with PreferenceStore(f"sqlite:///{data / 'store.db'}") as store:
         snapshot, texts = store.snapshot_with_texts()
-    features = snapshot_features(snapshot, texts) if config.content_dim else None
-    start = time.perf_counter()
-    trained = train_gnn(snapshot, config, progress=False, response_features=features)
-    seconds = time.perf_counter() - start
-    ck = trained.checkpoint
+    features = snapshot_features(snapshot, texts) if any(c.content_dim for c in configs.values()) else None
     unseen: dict[str, list[tuple[str, str]]] = {}
     group_of = {}
     for name in ("train_seen.jsonl", "train_unseen.jsonl"):
@@ -220,19 +217,29 @@ def embedding_figures(regime: Regime, work: Path, config: GNNTrainConfig) -> dic
             group_of[row["user_id"]] = row["group"]
             if name == "train_unseen.jsonl":
                 unseen.setdefault(row["user_id"], []).append((content_hash(row["chosen"]), content_hash(row["rejected"])))
-    seen_types = [group_of[u] for u in ck.user_ids]
     ids = sorted(unseen)
-    adapted = adapt(ck, [unseen[u] for u in ids]).embeddings if ids else None
-    graph_dim = config.model.dim if config.content_dim else None      # the joined table's graph half
-    return {"gnn_report_accuracy": trained.report_accuracy,
+    ceiling = regime.type_ceiling()
+    figures = {}
+    for variant, config in configs.items():
+        start = time.perf_counter()
+        trained = train_gnn(snapshot, config, progress=False,
+                            response_features=features if config.content_dim else None)
+        seconds = time.perf_counter() - start
+        ck = trained.checkpoint
+        seen_types = [group_of[u] for u in ck.user_ids]
+        adapted = adapt(ck, [unseen[u] for u in ids]).embeddings if ids else None
+        graph_dim = config.model.dim if config.content_dim else None      # the joined table's graph half
+        figures[variant] = {
+            "gnn_report_accuracy": trained.report_accuracy,
             "graph_half": ck.metrics.get("graph_half"),
             "separability_graph_half": (separability(ck.user_embeddings[:, :graph_dim], seen_types)
                                         if graph_dim else None),
             "separability_seen": separability(ck.user_embeddings, seen_types),
             "separability_unseen": (separability(ck.user_embeddings, seen_types, adapted, [group_of[u] for u in ids])
                                     if ids else None),
-            "type_ceiling": regime.type_ceiling(),
+            "type_ceiling": ceiling,
             "seconds": round(seconds, 1)}
+    return figures
 
 
 def trained_releases(data: Path) -> dict[str, Release]:
